@@ -1,0 +1,173 @@
+"""Command line: ``python -m harness <verb>`` or the ``flowad`` console script.
+
+Verbs
+  fetch NAME        download a dataset (mvtec_ad, mtd, mstc) and convert it to the MVTec layout
+  generate          write the embedded, procedurally generated dataset (offline, seconds)
+  validate ROOT     check a dataset folder in the MVTec layout, every class or --classes
+  train             fit a method on one class and evaluate it (writes a run folder, logs to MLflow)
+  evaluate          score a trained run's checkpoint again, or re-score its stored maps
+  info METHOD       trainable parameters per component and forward GFLOPs, as JSON
+  demo              the main job on the embedded dataset, offline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+DEMO_ROOT = Path("demo")
+
+
+def _add_run_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "amp"])
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--seed", type=int, default=None, help="default: the method's own seed")
+    p.add_argument("--epochs", type=int, default=None, help="default: the method's own budget")
+    p.add_argument("--eval-every", type=int, default=None, help="default: the method's own interval")
+    p.add_argument("--feature-cache", choices=["auto", "on", "off"], default="auto",
+                   help="compute frozen backbone features once per class (auto: on without augmentation)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random backbone weights (tests and offline demos only; never a reproduction)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", default=None, help="default: sqlite:///mlflow.db in this folder")
+    p.add_argument("--experiment", default="flowad", help="MLflow experiment name")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _settings(args: argparse.Namespace):
+    from harness.config import RunSettings
+
+    return RunSettings(
+        device=args.device, precision=args.precision, workers=args.workers, seed=args.seed,
+        epochs=args.epochs, eval_every=args.eval_every,
+        feature_cache={"auto": None, "on": True, "off": False}[args.feature_cache],
+        pretrained=not args.random_weights, progress=not args.quiet,
+        tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowad", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("fetch", help="download and convert a dataset")
+    p.add_argument("name", help="dataset card name: mvtec_ad, mtd or mstc")
+    p.add_argument("--data-root", type=Path, default=Path("datasets"))
+    p.add_argument("--source", default=None,
+                   help="a local archive or folder, or a mirror URL, instead of the official host")
+    p.add_argument("--force", action="store_true", help="replace an existing complete copy")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="only these classes (MVTec AD: per-class archives instead of the whole one)")
+
+    p = verbs.add_parser("generate", help="write the embedded dataset")
+    p.add_argument("--out", type=Path, default=DEMO_ROOT / "data" / "embedded")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = verbs.add_parser("validate", help="check a dataset folder in the MVTec layout")
+    p.add_argument("root", type=Path)
+    p.add_argument("--classes", nargs="+", default=None)
+
+    for verb in ("train", "evaluate"):
+        p = verbs.add_parser(verb, help=f"{verb} a method on one class")
+        p.add_argument("--method", default="msflow")
+        p.add_argument("--data", type=Path, required=True, help="dataset folder in the MVTec layout")
+        p.add_argument("--class", dest="class_name", required=True)
+        p.add_argument("--out", type=Path, default=None,
+                       help="run folder (default runs/<method>/<dataset>/<class>)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a method setting, e.g. --set pool=max --set 'parallel_blocks=[2,2,2]'")
+        _add_run_settings(p)
+        if verb == "train":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        else:
+            p.add_argument("--from-maps", action="store_true",
+                           help="re-score the stored maps.npz instead of running the checkpoint")
+
+    p = verbs.add_parser("info", help="parameters and GFLOPs of a method, as JSON")
+    p.add_argument("method")
+    p.add_argument("--size", type=int, nargs="+", default=None, help="input H [W] (default: method's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = verbs.add_parser("demo", help="the main job on the embedded dataset, offline")
+    p.add_argument("--out", type=Path, default=DEMO_ROOT)
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _run_spec(args: argparse.Namespace):
+    from harness.config import RunSpec, parse_overrides
+
+    out = args.out or Path("runs") / args.method / args.data.name / args.class_name
+    return RunSpec(method=args.method, data_root=args.data, class_name=args.class_name,
+                   out_dir=out, overrides=parse_overrides(args.overrides))
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from harness.fetch import fetch
+
+    path = fetch(args.name, data_root=args.data_root, source=args.source, force=args.force,
+                 classes=args.classes)
+    print(f"{args.name}: ready at {path}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from harness.synthetic import generate_embedded
+
+    print(f"embedded dataset written to {generate_embedded(args.out, seed=args.seed)}")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from harness.data import index_split, list_classes, validate_class
+
+    for name in args.classes or list_classes(args.root):
+        validate_class(args.root, name)
+        n_train, n_test = (len(index_split(args.root, name, s)) for s in ("train", "test"))
+        print(f"{name}: ok ({n_train} train, {n_test} test images)")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from harness.train import run_training
+
+    summary = run_training(_run_spec(args), _settings(args), resume=args.resume)
+    print(json.dumps({"out": str(_run_spec(args).out_dir), "last": summary["last"],
+                      "best": summary["best"]}, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from harness.train import evaluate_run
+
+    print(json.dumps(evaluate_run(_run_spec(args), _settings(args), from_maps=args.from_maps), indent=2))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from harness.config import parse_overrides
+    from harness.profile import method_info
+
+    size = tuple(args.size * 2 if args.size and len(args.size) == 1 else args.size or ()) or None
+    print(json.dumps(method_info(args.method, parse_overrides(args.overrides), size), indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from harness.demo import run_demo
+
+    run_demo(args.out, progress=not args.quiet)
+
+
+COMMANDS = {"fetch": cmd_fetch, "generate": cmd_generate, "validate": cmd_validate, "train": cmd_train,
+            "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.verb](args)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

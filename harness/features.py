@@ -1,0 +1,153 @@
+"""Frozen ImageNet backbones and the per-stage pooling in front of the flows.
+
+Backbones are timm models named with an explicit weight tag: ``wide_resnet50_2.tv_in1k`` and
+``resnet18.tv_in1k`` are the torchvision V1 weights that the official MSFlow and CFlow code load
+(timm's untagged default for these architectures is a different weight set). The official code
+also pads every 3x3 convolution and the 7x7 stem by reflection instead of zeros; that is the
+default here (``padding_mode="reflect"``), ``"zeros"`` gives the stock timm network.
+
+The backbone is never trained, so it always runs in eval mode under ``torch.no_grad()``: no
+autograd graph is built through it (the official code does build one and throws it away). Its
+outputs depend only on the image and on ``FeatureExtractor.cache_key()``, so they can be cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from harness.errors import ConfigError, HarnessError
+
+POOLS = ("avg", "max", "none")
+PADDING_MODES = ("reflect", "zeros")
+
+
+def _weights_help(name: str) -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE as hub_cache
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        hub_cache = "~/.cache/huggingface/hub"
+    return (
+        f"timm downloads the weights of '{name}' from the Hugging Face Hub and keeps them in {hub_cache} "
+        "(HF_HOME or HF_HUB_CACHE move it). To work offline, either fetch them once on a machine "
+        f"with network access (python -c \"import timm; timm.create_model('{name}', pretrained=True)\"), "
+        "copy that cache here and set HF_HUB_OFFLINE=1, or pass weights_path=<a .pth or .safetensors "
+        "state dict of the same architecture, e.g. torchvision's>."
+    )
+
+
+def _use_reflect_padding(backbone: nn.Module) -> None:
+    """Pad every 3x3 conv and the 7x7 stem conv by reflection (the stem max-pool keeps its padding)."""
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size in ((3, 3), (7, 7)):
+            module.padding_mode = "reflect"
+
+
+def create_backbone(
+    name: str = "wide_resnet50_2.tv_in1k",
+    stages: Sequence[int] = (1, 2, 3),
+    pretrained: bool = True,
+    padding_mode: str = "reflect",
+    weights_path: str | Path | None = None,
+) -> nn.Module:
+    """A frozen, eval-mode timm backbone whose forward(x) returns the feature maps of ``stages``
+    (for ResNets: 1 = layer1 at stride 4, 2 = layer2, 3 = layer3, 4 = layer4).
+
+    pretrained=True loads the tagged weights through timm (Hugging Face Hub cache), or from
+    ``weights_path`` when given. Raises HarnessError with instructions when they cannot be loaded.
+    """
+    architecture, _, tag = name.partition(".")
+    if not timm.is_model(architecture):
+        raise ConfigError(f"unknown backbone {name!r}: timm has no architecture {architecture!r}")
+    if padding_mode not in PADDING_MODES:
+        raise ConfigError(f"backbone padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if pretrained and not tag:
+        raise ConfigError(
+            f"backbone {name!r} has no weight tag; name the weights explicitly, e.g. "
+            f"'{architecture}.tv_in1k' (torchvision V1, as the official MSFlow/CFlow code)"
+        )
+    kwargs = dict(features_only=True, out_indices=tuple(stages))
+    if pretrained and weights_path is not None:
+        weights_path = Path(weights_path).expanduser()
+        if not weights_path.is_file():
+            raise HarnessError(f"backbone weights file {weights_path} (weights_path) does not exist. {_weights_help(name)}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_path))
+    try:
+        backbone = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as error:  # network, cache, file format or key mismatch: all say the same to a user
+        if not pretrained:
+            raise
+        source = f"from {weights_path}" if weights_path is not None else "from the Hugging Face Hub or its cache"
+        raise HarnessError(
+            f"could not load pretrained weights for backbone '{name}' {source} "
+            f"({type(error).__name__}: {str(error)[:300]}). {_weights_help(name)}"
+        ) from error
+
+    if padding_mode == "reflect":
+        _use_reflect_padding(backbone)
+    backbone.eval()
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    return backbone
+
+
+def _stage_pool(pool: str, kernel: int) -> nn.Module:
+    if pool == "avg":  # count_include_pad=True, as PyTorch's default and the official code
+        return nn.AvgPool2d(kernel, stride=2, padding=kernel // 2)
+    if pool == "max":
+        return nn.MaxPool2d(kernel, stride=2, padding=kernel // 2)
+    if pool == "none":
+        return nn.Identity()
+    raise ConfigError(f"feature pool must be one of {POOLS}, got {pool!r}")
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone + the same pooling on every stage map. forward(x) -> list of [B, C_l, h_l, w_l]."""
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        stages: Sequence[int] = (1, 2, 3),
+        pool: str = "avg",
+        pool_kernel: int = 3,
+        pretrained: bool = True,
+        padding_mode: str = "reflect",
+        weights_path: str | Path | None = None,
+    ):
+        super().__init__()
+        self.backbone_name = backbone
+        self.stages = tuple(stages)
+        self.pool_type = pool
+        self.pool_kernel = pool_kernel
+        self.pretrained = pretrained
+        self.padding_mode = padding_mode
+        self.weights_path = Path(weights_path) if weights_path is not None else None
+        self.pool = _stage_pool(pool, pool_kernel)
+        self.backbone = create_backbone(backbone, self.stages, pretrained, padding_mode, weights_path)
+        self.channels: list[int] = list(self.backbone.feature_info.channels())
+        self.strides: list[int] = list(self.backbone.feature_info.reduction())  # before pooling
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        super().train(mode)
+        self.backbone.eval()  # BatchNorm keeps its ImageNet running statistics
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return [self.pool(feature) for feature in self.backbone(images)]
+
+    def cache_key(self) -> str:
+        """Everything the features depend on, apart from the image."""
+        pool = self.pool_type if self.pool_type == "none" else f"{self.pool_type}{self.pool_kernel}"
+        if not self.pretrained:
+            weights = "random"
+        elif self.weights_path is not None:
+            weights = f"file:{self.weights_path.name}"
+        else:
+            weights = "pretrained"
+        stages = ",".join(map(str, self.stages))
+        return f"{self.backbone_name}|stages={stages}|pool={pool}|pad={self.padding_mode}|weights={weights}"

@@ -1,0 +1,502 @@
+"""The fit / evaluate loop shared by every method.
+
+One loop, so that "identical settings" is a property of the code: the same data pipeline, seeds,
+precision, evaluation schedule, checkpoints and run record for MSFlow and every baseline.
+
+Speed: the backbone is frozen and (for methods trained without augmentation) its pooled features
+are computed once per class and reused every epoch, instead of recomputing them at every step with
+autograd running through the backbone as the reference code does.
+
+A run folder holds:
+  checkpoint.pt   model, optimiser, scheduler, RNG states, history (written atomically at each eval)
+  record.json     config, code revision, data hash, package versions, device, seed
+  metrics.json    last and per-metric best epoch, per-epoch history; written last = run complete
+  maps.npz        per-image per-scale log-likelihood maps at flow resolution (float16), last epoch
+  artifacts/      image grid, ROC and PRO curves (PNG), also logged to MLflow
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from harness import metrics as M
+from harness.config import RunSettings, RunSpec, apply_overrides, to_dict
+from harness.data import AnomalyDataset, dataset_hash
+from harness.errors import HarnessError, TrainingError
+from harness.features import FeatureExtractor
+from harness.scoring import Scores, score
+from methods.registry import build_model, create_method
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+RECORD = "record.json"
+MAPS = "maps.npz"
+# Metrics where higher is better, in the order tables show them.
+EVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "aupro_code")
+
+
+# --------------------------------------------------------------------------- small utilities
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError(f"device={name!r} but no CUDA device is visible; use device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return the generator that orders training batches."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+# --------------------------------------------------------------------------- features
+
+
+@dataclass
+class FeatureSet:
+    """Pooled backbone features of a whole split, kept on the training device."""
+
+    scales: list[torch.Tensor]  # per scale [N, C_l, h_l, w_l]
+
+    def __len__(self) -> int:
+        return self.scales[0].shape[0]
+
+    def batch(self, index: torch.Tensor) -> list[torch.Tensor]:
+        return [s[index] for s in self.scales]
+
+
+@torch.no_grad()
+def extract_features(extractor: FeatureExtractor, loader: DataLoader, device: torch.device,
+                     progress: bool, desc: str) -> FeatureSet:
+    from tqdm import tqdm
+
+    parts: list[list[torch.Tensor]] = []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        parts.append(extractor(batch["image"].to(device, non_blocking=True)))
+    return FeatureSet([torch.cat(scale) for scale in zip(*parts)])
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    log_likelihoods: list[torch.Tensor]  # per scale [N, h, w], float16, on cpu
+    scores: Scores
+    labels: np.ndarray
+    masks: np.ndarray
+
+
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, row: dict[str, float]) -> None:
+        self.epochs.append(row)
+        for name in EVAL_METRICS:
+            value = row.get(name)
+            if value is None or math.isnan(value):
+                continue
+            if name not in self.best or value > self.best[name]["value"]:
+                self.best[name] = {"value": value, "epoch": row["epoch"]}
+
+
+class Trainer:
+    """Fits one method on one class and evaluates it; see module docstring for what it writes."""
+
+    def __init__(self, spec: RunSpec, settings: RunSettings | None = None, tracker: Any = None):
+        self.spec = spec
+        self.settings = settings or RunSettings()
+        self.config = apply_overrides(create_method(spec.method), spec.overrides)
+        self.device = resolve_device(self.settings.device)
+        self.seed = self.settings.seed if self.settings.seed is not None else self.config.seed
+        self.epochs = self.settings.epochs or self.config.epochs
+        self.eval_every = self.settings.eval_every or self.config.eval_every
+        self.image_size = tuple(self.config.input_size_for(spec.class_name))
+        use_cache = self.settings.feature_cache
+        self.feature_cache = (not self.config.augment) if use_cache is None else use_cache
+        if self.feature_cache and self.config.augment:
+            raise HarnessError(
+                f"feature_cache=true with {spec.method}, which trains with augmentation: cached "
+                "features would drop the augmentation; set feature_cache to false or auto"
+            )
+        self.tracker = tracker
+        self.out = spec.out_dir
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _loader(self, dataset: AnomalyDataset, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.config.batch_size, shuffle=shuffle,
+            num_workers=self.settings.workers, pin_memory=self.device.type == "cuda",
+        )
+
+    def _setup(self) -> None:
+        root, cls = self.spec.data_root, self.spec.class_name
+        self.train_set = AnomalyDataset(root, cls, "train", self.image_size)
+        self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False)
+        self.data_hash = dataset_hash(root, cls)
+        self.generator = seed_everything(self.seed)
+        self.extractor = FeatureExtractor(
+            **self.config.feature_extractor_kwargs(), pretrained=self.settings.pretrained
+        ).to(self.device)
+        self.model = build_model(self.config, self.extractor.channels).to(self.device)
+        self.optimizer = self.config.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
+        self.scheduler = self.config.make_scheduler(self.optimizer)
+        amp = self.settings.precision == "amp"
+        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
+        self.amp = amp
+        progress = self.settings.progress
+        if self.feature_cache:
+            self.train_features = extract_features(self.extractor, self._loader(self.train_set),
+                                                   self.device, progress, "train features")
+            self.test_features = extract_features(self.extractor, self._loader(self.test_set),
+                                                  self.device, progress, "test features")
+
+    # -- one epoch ----------------------------------------------------------------------------
+
+    def _train_batches(self):
+        """Yields feature batches in an order fixed by the seeded generator (same across resume)."""
+        order = torch.randperm(len(self.train_set), generator=self.generator)
+        if self.feature_cache:
+            for index in order.split(self.config.batch_size):
+                yield self.train_features.batch(index.to(self.device))
+            return
+        loader = DataLoader(self.train_set, batch_size=self.config.batch_size, sampler=order.tolist(),
+                            num_workers=self.settings.workers, pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            with torch.no_grad():
+                yield self.extractor(batch["image"].to(self.device, non_blocking=True))
+
+    def _train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        total, count = 0.0, 0
+        for batch_index, features in enumerate(self._train_batches()):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
+                out = self.model(features)
+                loss = self.model.loss(out)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {loss.item()} at epoch {epoch}, batch {batch_index}; training stopped. "
+                    f"The last good checkpoint is kept in {self.out / CHECKPOINT} (if one was written). "
+                    "Try precision=fp32, a lower lr, or check the input data."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.config.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            batch = features[0].shape[0]
+            total += loss.item() * batch
+            count += batch
+        self.scheduler.step()
+        return total / count
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def log_likelihoods(self) -> list[torch.Tensor]:
+        """Per-scale log-likelihood maps of the test set, float16 on cpu (what maps.npz stores)."""
+        self.model.eval()
+        parts: list[list[torch.Tensor]] = []
+        if self.feature_cache:
+            index = torch.arange(len(self.test_set), device=self.device)
+            batches = (self.test_features.batch(i) for i in index.split(self.config.batch_size))
+        else:
+            batches = (self.extractor(b["image"].to(self.device)) for b in self._loader(self.test_set))
+        for features in batches:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
+                out = self.model(features)
+            parts.append([m.float().half().cpu() for m in self.model.log_likelihood_maps(out)])
+        return [torch.cat(scale) for scale in zip(*parts)]
+
+    def _ground_truth(self) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(self, "_gt"):
+            labels = np.array([r.label for r in self.test_set.records])
+            masks = np.stack([self.test_set[i]["mask"][0].numpy() > 0.5 for i in range(len(self.test_set))])
+            self._gt = (labels, masks)
+        return self._gt
+
+    def evaluate(self) -> EvalResult:
+        logp = self.log_likelihoods()
+        labels, masks = self._ground_truth()
+        scores = score(logp, self.image_size, self.config.scoring())
+        return EvalResult(evaluate_scores(scores, labels, masks), logp, scores, labels, masks)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _save_checkpoint(self, epoch: int, history: History) -> None:
+        state = {
+            "epoch": epoch,
+            "config": to_dict(self.config),
+            "seed": self.seed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "batches": self.generator.get_state(),
+            },
+            "history": {"epochs": history.epochs, "best": history.best},
+            "tracking_run_id": getattr(self.tracker, "run_id", None),
+        }
+        atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def _load_checkpoint(self) -> tuple[int, History]:
+        path = self.out / CHECKPOINT
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["config"] != to_dict(self.config) or state["seed"] != self.seed:
+            raise HarnessError(
+                f"{path} was written with other settings than this run's; resume with the same "
+                "method settings and seed, or start a new run in another --out folder"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["batches"])
+        history = History(state["history"]["epochs"], state["history"]["best"])
+        return state["epoch"], history
+
+    # -- the whole fit ----------------------------------------------------------------------------
+
+    def _check_out_dir(self, resume: bool) -> None:
+        if (self.out / METRICS).exists() and not resume:
+            raise HarnessError(
+                f"{self.out} already holds a finished run; choose another --out folder or delete it"
+            )
+        if (self.out / CHECKPOINT).exists() and not resume:
+            raise HarnessError(
+                f"{self.out} holds an interrupted run ({CHECKPOINT}); continue it with --resume, "
+                "or choose another --out folder"
+            )
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        from harness.tracking import run_record
+        from tqdm import tqdm
+
+        self._check_out_dir(resume)
+        if resume and (self.out / METRICS).exists():
+            return json.loads((self.out / METRICS).read_text())
+        self._setup()
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = run_record(
+            config={"method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
+                    "method_config": to_dict(self.config), "settings": to_dict(self.settings),
+                    "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every},
+            data_hash=self.data_hash, seed=self.seed, device=str(self.device),
+        )
+        start, history = 0, History()
+        if resume and (self.out / CHECKPOINT).exists():
+            start, history = self._load_checkpoint()
+        atomic_write_json(self.out / RECORD, record)
+        tracker = self.tracker
+        if tracker is not None:
+            tracker.log_params({"method": self.spec.method, "class": self.spec.class_name,
+                                "dataset": self.spec.dataset, **record["config"]})
+            tracker.log_record(record)
+
+        result = None
+        epochs = tqdm(range(start + 1, self.epochs + 1), desc=f"{self.spec.method}/{self.spec.class_name}",
+                      disable=not self.settings.progress, initial=start, total=self.epochs)
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss = self._train_epoch(epoch)
+            row: dict[str, float] = {"epoch": epoch, "loss": loss, "lr": lr,
+                                     "train_seconds": time.perf_counter() - t0}
+            if epoch % self.eval_every == 0 or epoch == self.epochs:
+                t1 = time.perf_counter()
+                result = self.evaluate()
+                row.update(result.metrics)
+                row["test_images_per_second"] = len(self.test_set) / (time.perf_counter() - t1)
+            history.add(row)
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            if "image_auroc" in row:
+                self._save_checkpoint(epoch, history)
+            epochs.set_postfix(loss=f"{loss:.4g}", **{k: f"{row[k]:.3f}" for k in EVAL_METRICS if k in row})
+
+        if result is None:  # resumed at the very end: evaluate the final model once more
+            result = self.evaluate()
+        summary = self._finish(result, history)
+        return summary
+
+    def _finish(self, result: EvalResult, history: History) -> dict[str, Any]:
+        save_maps(self.out / MAPS, result.log_likelihoods, result.labels,
+                  [r.path for r in self.test_set.records], self.spec.data_root, self.spec.class_name)
+        artifacts = write_figures(self.out / "artifacts", result, self.test_set)
+        summary = {
+            "method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
+            "epochs": self.epochs, "last": {k: result.metrics[k] for k in result.metrics},
+            "best": history.best, "history": history.epochs,
+            "image_size": list(self.image_size), "seed": self.seed,
+        }
+        if self.tracker is not None:
+            for path in [self.out / RECORD, *artifacts]:
+                self.tracker.log_artifact(path)
+        atomic_write_json(self.out / METRICS, summary)  # last: its presence marks a complete run
+        if self.tracker is not None:
+            self.tracker.log_artifact(self.out / METRICS)
+        return summary
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def evaluate_scores(scores: Scores, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """The metrics every run reports. Pixel metrics need at least one defect pixel in the set."""
+    out = {"image_auroc": M.image_auroc(labels, scores.image.numpy())}
+    if masks.any():
+        out["pixel_auroc"] = M.pixel_auroc(masks, scores.pixel_map.numpy())
+        pro_map = scores.pro_map.numpy()
+        out["aupro"] = M.aupro(masks, pro_map, convention="mvtec")
+        out["aupro_code"] = M.aupro(masks, pro_map, convention="code")
+    return out
+
+
+def save_maps(path: Path, logp: list[torch.Tensor], labels: np.ndarray, paths: list[Path],
+              data_root: Path, class_name: str) -> None:
+    """Per-image, per-scale log-likelihood maps (float16) with the image each row belongs to."""
+    class_dir = Path(data_root) / class_name
+    arrays = {f"scale{i}": m.numpy().astype(np.float16) for i, m in enumerate(logp)}
+    arrays["labels"] = labels
+    arrays["paths"] = np.array([str(Path(p).relative_to(class_dir)) for p in paths])
+    atomic_write_bytes(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def load_maps(path: Path) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
+    with np.load(path) as data:
+        n_scales = sum(1 for k in data.files if k.startswith("scale"))
+        logp = [torch.from_numpy(data[f"scale{i}"]) for i in range(n_scales)]
+        return logp, data["labels"], list(data["paths"])
+
+
+def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset) -> list[Path]:
+    from harness.tracking import image_grid_png, pro_curve_png, roc_curve_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [roc_curve_png(result.labels, result.scores.image.numpy(), folder / "roc_image.png")]
+    if result.masks.any():
+        fpr, pro = M.pro_curve(result.masks, result.scores.pro_map.numpy())
+        paths.append(pro_curve_png(fpr, pro, folder / "pro_curve.png"))
+    # A few defective and a few good images, so the grid shows both kinds of error.
+    defect = np.flatnonzero(result.labels == 1)[:6]
+    good = np.flatnonzero(result.labels == 0)[:2]
+    picks = [int(i) for i in np.concatenate([defect, good])]
+    images = torch.stack([dataset[i]["image"] for i in picks])
+    paths.append(image_grid_png(images, result.masks[picks], result.scores.pixel_map[picks].numpy(),
+                                folder / "anomaly_maps.png"))
+    return paths
+
+
+# --------------------------------------------------------------------------- entry points
+
+TRACKING_ID = "tracking_run_id.txt"
+
+
+def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate one run with MLflow tracking; ``resume`` continues an interrupted run
+    in the same MLflow run."""
+    from harness.tracking import Tracker, default_tracking_uri
+
+    settings = settings or RunSettings()
+    trainer = Trainer(spec, settings)
+    trainer._check_out_dir(resume)
+    if resume and (spec.out_dir / METRICS).exists():
+        return json.loads((spec.out_dir / METRICS).read_text())
+    id_file = spec.out_dir / TRACKING_ID
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+    tracker = Tracker(
+        uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
+        run_name=f"{spec.method}/{spec.dataset}/{spec.class_name}", enabled=settings.tracking, run_id=run_id,
+    )
+    with tracker:
+        if tracker.run_id is not None:
+            spec.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(id_file, lambda f: f.write(tracker.run_id.encode()))
+        trainer.tracker = tracker
+        return trainer.fit(resume)
+
+
+def rescore_maps(spec: RunSpec, scoring: Any = None) -> dict[str, float]:
+    """Metrics from a finished run's stored maps, optionally with another scoring
+    (aggregation, top-K): the ablations that need no retraining."""
+    path = spec.out_dir / MAPS
+    if not path.exists():
+        raise HarnessError(f"{path} not found; train the run first (it is written at the end of training)")
+    trainer = Trainer(spec, RunSettings(tracking=False, progress=False))
+    logp, labels, paths = load_maps(path)
+    test_set = AnomalyDataset(spec.data_root, spec.class_name, "test", trainer.image_size, validate=False)
+    class_dir = spec.data_root / spec.class_name
+    if [str(Path(r.path).relative_to(class_dir)) for r in test_set.records] != paths:
+        raise HarnessError(f"{path} was made from another test set than {class_dir}; the data changed")
+    masks = np.stack([test_set[i]["mask"][0].numpy() > 0.5 for i in range(len(test_set))])
+    scores = score(logp, trainer.image_size, scoring or trainer.config.scoring())
+    return evaluate_scores(scores, labels, masks)
+
+
+def evaluate_run(spec: RunSpec, settings: RunSettings | None = None, from_maps: bool = False) -> dict[str, float]:
+    """Evaluate a run's checkpoint on its test set (or re-score its stored maps); writes nothing."""
+    if from_maps:
+        return rescore_maps(spec)
+    path = spec.out_dir / CHECKPOINT
+    if not path.exists():
+        raise HarnessError(f"{path} not found; train first or point --out at a run folder")
+    trainer = Trainer(spec, settings or RunSettings(tracking=False))
+    trainer._setup()
+    state = torch.load(path, map_location=trainer.device, weights_only=False)
+    trainer.model.load_state_dict(state["model"])
+    return trainer.evaluate().metrics
