@@ -8,6 +8,10 @@ Verbs
   evaluate          score a trained run's checkpoint again, or re-score its stored maps
   info METHOD       trainable parameters per component and forward GFLOPs, as JSON
   demo              the main job on the embedded dataset, offline
+  prepare NAME      install one dataset of the pipeline (fetch it, or generate the embedded one)
+  run PART          train one run of the experiment grid in params.yaml (a dvc.yaml stage)
+  rescore VARIANT   a scoring ablation: re-score the reference runs' stored maps
+  tables            every table (CSV, LaTeX, Markdown) from the runs and the published figures
 """
 
 from __future__ import annotations
@@ -97,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="the main job on the embedded dataset, offline")
     p.add_argument("--out", type=Path, default=DEMO_ROOT)
     p.add_argument("--quiet", action="store_true")
+
+    # The pipeline's verbs (dvc.yaml stages); settings come from params.yaml.
+    p = verbs.add_parser("prepare", help="install one dataset of the pipeline")
+    p.add_argument("name", help="a dataset card name (mvtec_ad, mtd, mstc) or 'embedded'")
+    p.add_argument("--data-root", type=Path, default=Path("datasets"))
+
+    p = verbs.add_parser("run", help="train one run of the experiment grid in params.yaml")
+    p.add_argument("part", choices=["main", "ablation"])
+    p.add_argument("--protocol", default="official", help="main runs: official | unified")
+    p.add_argument("--dataset", help="main runs: a dataset of params.yaml `datasets`")
+    p.add_argument("--method", help="main runs: a method of params.yaml `methods`")
+    p.add_argument("--variant", help="ablation runs: a variant of params.yaml `ablations.train`")
+    p.add_argument("--class", dest="class_name", required=True)
+    p.add_argument("--seed", default="own", help="a seed of params.yaml `seeds` (own = the method's)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+
+    p = verbs.add_parser("rescore", help="a scoring ablation from the reference runs' stored maps")
+    p.add_argument("variant", help="a variant of params.yaml `ablations.rescore`")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+    p = verbs.add_parser("tables", help="write every table from the runs and the published figures")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--out", type=Path, default=None, help="default: params.yaml paths.tables")
     return parser
 
 
@@ -159,8 +187,46 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, progress=not args.quiet)
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from harness.grid import prepare_dataset
+
+    print(f"{args.name}: ready at {prepare_dataset(args.name, args.data_root)}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from harness import grid
+    from harness.errors import ConfigError
+
+    params = grid.load(args.params)
+    if args.part == "main":
+        if not (args.dataset and args.method):
+            raise ConfigError("run main needs --dataset and --method")
+        run = grid.main_run(params, args.protocol, args.dataset, args.method, args.class_name, args.seed)
+    else:
+        if not args.variant:
+            raise ConfigError("run ablation needs --variant (a key of params.yaml ablations.train)")
+        run = grid.ablation_run(params, args.variant, args.class_name, args.seed)
+    summary = grid.execute(params, run, resume=args.resume)
+    print(json.dumps({"out": str(run.out_dir), "last": summary["last"]}, indent=2, default=float))
+
+
+def cmd_rescore(args: argparse.Namespace) -> None:
+    from harness import grid
+
+    for out in grid.rescore_variant(grid.load(args.params), args.variant):
+        print(f"written {out}")
+
+
+def cmd_tables(args: argparse.Namespace) -> None:
+    from harness.tables import build_tables
+
+    written = build_tables(args.params, out=args.out)
+    print(f"{len(written)} tables written to {written[0].parent if written else args.out}")
+
+
 COMMANDS = {"fetch": cmd_fetch, "generate": cmd_generate, "validate": cmd_validate, "train": cmd_train,
-            "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo}
+            "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "prepare": cmd_prepare,
+            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,26 +61,6 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
-def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
-    """A copy of dataclass ``config`` with ``overrides`` applied; unknown keys are an error.
-
-    Lists become tuples where the field's default is a tuple, so configs stay hashable and
-    compare equal whether they came from YAML or from code.
-    """
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown setting(s) {unknown} for {type(config).__name__}; valid settings: {sorted(fields)}"
-        )
-    values = {}
-    for key, value in overrides.items():
-        if isinstance(value, list) and isinstance(getattr(config, key), tuple):
-            value = tuple(value)
-        values[key] = value
-    return dataclasses.replace(config, **values)
-
-
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-friendly dict of a (possibly nested) dataclass."""
     return json_ready(dataclasses.asdict(config))

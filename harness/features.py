@@ -151,3 +151,44 @@ class FeatureExtractor(nn.Module):
             weights = "pretrained"
         stages = ",".join(map(str, self.stages))
         return f"{self.backbone_name}|stages={stages}|pool={pool}|pad={self.padding_mode}|weights={weights}"
+
+
+def create_frozen_model(
+    name: str,
+    pretrained: bool = True,
+    weights_path: str | Path | None = None,
+    **kwargs,
+) -> nn.Module:
+    """A frozen, eval-mode timm model of any architecture, whole (not ``features_only``), for
+    feature extractors that read intermediate blocks themselves: ViT/DeiT/CaiT token maps
+    (FastFlow, U-Flow), one EfficientNet block stage (CS-Flow). ``kwargs`` go to
+    ``timm.create_model`` (e.g. ``img_size``). Weights are named and loaded as in create_backbone:
+    an explicit tag, the Hugging Face Hub cache or ``weights_path``; HarnessError with
+    instructions when they cannot be loaded."""
+    architecture, _, tag = name.partition(".")
+    if not timm.is_model(architecture):
+        raise ConfigError(f"unknown backbone {name!r}: timm has no architecture {architecture!r}")
+    if pretrained and not tag:
+        raise ConfigError(
+            f"backbone {name!r} has no weight tag; name the weights explicitly, "
+            f"e.g. one of {timm.list_pretrained(architecture + '.*')[:4]}"
+        )
+    if pretrained and weights_path is not None:
+        weights_path = Path(weights_path).expanduser()
+        if not weights_path.is_file():
+            raise HarnessError(f"backbone weights file {weights_path} (weights_path) does not exist. {_weights_help(name)}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_path))
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as error:  # network, cache, file format or key mismatch: all say the same to a user
+        if not pretrained:
+            raise
+        source = f"from {weights_path}" if weights_path is not None else "from the Hugging Face Hub or its cache"
+        raise HarnessError(
+            f"could not load pretrained weights for backbone '{name}' {source} "
+            f"({type(error).__name__}: {str(error)[:300]}). {_weights_help(name)}"
+        ) from error
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model

@@ -234,3 +234,60 @@ def all_in_one_flow(
         )
         set_block_permutation(block, mixing)
     return flow
+
+
+# --- couplings over several scales at once (CS-Flow; MSFlow's fusion flow) ---------------------
+
+MultiScaleSubnetConstructor = Callable[[list[int], list[int]], nn.Module]
+
+
+def soft_clamp(s: Tensor, clamp: float) -> Tensor:
+    """Bound log-scales to about +-clamp: clamp * 0.636 * atan(s / clamp) (0.636 ~ 2/pi)."""
+    return clamp * 0.636 * torch.atan(s / clamp)
+
+
+class ParallelAffineCoupling(nn.Module):
+    """Two-sided affine coupling applied to every scale at once, with subnets that see all scales.
+
+    Each scale splits into x1 (first C//2 channels) and x2 (the rest):
+        y1 = x1 * exp(e(s2)) + t2,   [s2 | t2] = subnet_2(x2 of every scale)
+        y2 = x2 * exp(e(s1)) + t1,   [s1 | t1] = subnet_1(y1 of every scale)
+    with the soft clamp e. A subnet is built as ``constructor(in_channels, out_channels)`` (one
+    entry per scale) and maps a list of tensors to a list with twice the out channels: log-scales
+    first, then shifts. The forward output is clamped to +-1e6 (as CS-Flow). log-det per sample =
+    sum of e(s1) and e(s2) over channels, pixels and scales.
+    """
+
+    def __init__(self, channels: Sequence[int], subnet_constructor: MultiScaleSubnetConstructor, clamp: float):
+        super().__init__()
+        self.first = [c // 2 for c in channels]
+        self.second = [c - c // 2 for c in channels]
+        self.clamp = clamp
+        self.subnet_2 = subnet_constructor(self.second, [2 * c for c in self.first])  # sees x2, moves x1
+        self.subnet_1 = subnet_constructor(self.first, [2 * c for c in self.second])  # sees y1, moves x2
+
+    def _scale_and_shift(self, subnet: nn.Module, xs: list[Tensor], sizes: list[int]):
+        outputs = subnet(xs)
+        log_scales = [soft_clamp(out[:, :n], self.clamp) for out, n in zip(outputs, sizes)]
+        shifts = [out[:, n:] for out, n in zip(outputs, sizes)]
+        return log_scales, shifts
+
+    def forward(self, xs: Sequence[Tensor], rev: bool = False) -> tuple[list[Tensor], Tensor]:
+        halves = [torch.split(x, [a, b], dim=1) for x, a, b in zip(xs, self.first, self.second)]
+        u1, u2 = [h[0] for h in halves], [h[1] for h in halves]
+        if not rev:
+            e2, t2 = self._scale_and_shift(self.subnet_2, u2, self.first)
+            v1 = [x * torch.exp(e) + t for x, e, t in zip(u1, e2, t2)]
+            e1, t1 = self._scale_and_shift(self.subnet_1, v1, self.second)
+            v2 = [x * torch.exp(e) + t for x, e, t in zip(u2, e1, t1)]
+            out = [torch.clamp(torch.cat(pair, dim=1), -1e6, 1e6) for pair in zip(v1, v2)]
+            sign = 1.0
+        else:
+            e1, t1 = self._scale_and_shift(self.subnet_1, u1, self.second)
+            v2 = [(y - t) * torch.exp(-e) for y, e, t in zip(u2, e1, t1)]
+            e2, t2 = self._scale_and_shift(self.subnet_2, v2, self.first)
+            v1 = [(y - t) * torch.exp(-e) for y, e, t in zip(u1, e2, t2)]
+            out = [torch.cat(pair, dim=1) for pair in zip(v1, v2)]
+            sign = -1.0
+        log_jac_det = sum(e.sum(dim=(1, 2, 3)) for e in e1 + e2)
+        return out, sign * log_jac_det

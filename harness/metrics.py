@@ -345,7 +345,7 @@ def aupro(
     masks_b, maps_f = _pixel_inputs(masks, maps)
     if convention == "mvtec":
         fpr, pro = _pro_points_mvtec(masks_b, maps_f, fpr_limit)
-        return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+        return float(_area_up_to(fpr, pro, fpr_limit) / fpr_limit)
     fpr, pro = _pro_points_code(masks_b, maps_f, fpr_limit, n_thresholds)
     if fpr.size < 2 or fpr.max() == fpr.min():
         warnings.warn(

@@ -57,3 +57,33 @@ def forward_gmacs_by_component(module: nn.Module, *inputs: Any) -> dict[str, flo
 def forward_gmacs(module: nn.Module, *inputs: Any) -> float:
     """Total forward multiply-accumulates in 10^9 for module(*inputs)."""
     return forward_gmacs_by_component(module, *inputs)["total"]
+
+
+def method_info(method: str, overrides: dict[str, Any] | None = None,
+                size: tuple[int, int] | None = None, class_name: str = "") -> dict[str, Any]:
+    """What ``flowad info METHOD`` prints: trainable parameters per component and forward compute
+    of the backbone and the flows at one input size (default: the method's own for ``class_name``).
+
+    Backbone weights are random here (only shapes matter), so this needs no download."""
+    from methods.registry import build_model, create_method
+
+    config = create_method(method, **(overrides or {}))
+    height, width = size or config.input_size_for(class_name)
+    extractor = config.feature_extractor(pretrained=False).eval()
+    image = torch.zeros(1, 3, height, width)
+    backbone_gmacs = forward_gmacs(extractor, image)
+    with torch.no_grad():
+        features = extractor(image)
+    model = build_model(config, extractor.channels).eval()
+    flow_gmacs = forward_gmacs_by_component(model, features)
+    return {
+        "method": method,
+        "overrides": overrides or {},
+        "input_size": [height, width],
+        "feature_shapes": [list(f.shape[1:]) for f in features],
+        "trainable_parameters": trainable_parameters(model),
+        "gmacs": {"backbone": backbone_gmacs, "flows": flow_gmacs},
+        "gflops": {"backbone": 2 * backbone_gmacs, "flows": 2 * flow_gmacs["total"]},
+        "note": "GMAC = 1e9 multiply-accumulates counted by torch FlopCounterMode (convolutions and "
+                "matrix products); GFLOPs = 2 x GMAC. Papers often call GMAC 'GFLOPs'.",
+    }

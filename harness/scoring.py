@@ -13,6 +13,13 @@ Aggregations (all return "higher = more anomalous" maps at the input resolution)
 - ``mean`` (FastFlow, U-Flow): A = 1 - mean over scales of exp(logp_l), upsampled; no normalisation.
 - ``add`` with ``normalisation="set"`` (CFlow): the maxima are taken over the whole test set instead
   of per image, so one image's map depends on the others (as in the official CFlow code).
+- ``finest`` (CS-Flow pixel map, as evaluated by the U-Flow authors): A = -logp of the scale with the
+  most pixels, upsampled; the other scales are ignored; no normalisation.
+
+Image scores are a reduction of the image map (``topk``, ``max``, ``mean``), except
+``latent_mean`` (CS-Flow), which reads the per-scale maps at flow resolution: minus the mean of
+every entry of every scale's log-likelihood map. With logp = -0.5 * mean_c z^2 and the same channel
+count on every scale this is exactly the mean of z^2 / 2 over all latent entries.
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ import torch.nn.functional as F
 
 from harness.errors import ConfigError
 
-Aggregation = Literal["add", "mul", "mean"]
+Aggregation = Literal["add", "mul", "mean", "finest"]
 Normalisation = Literal["image", "set"]
-AGGREGATIONS = ("add", "mul", "mean")
+AGGREGATIONS = ("add", "mul", "mean", "finest")
 NORMALISATIONS = ("image", "set")
 IMAGE_REDUCTIONS = ("topk", "max", "mean")
+LATENT_REDUCTIONS = ("latent_mean",)  # from the per-scale maps, not from an anomaly map
 
 
 def _upsample(maps: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
@@ -66,6 +74,9 @@ def anomaly_maps(
     scale_max = [_max_over(m, normalisation) for m in logp]
 
     def combine(part: slice) -> torch.Tensor:
+        if aggregation == "finest":
+            finest = max(logp, key=lambda m: m.shape[-2] * m.shape[-1])
+            return _upsample(-finest[part], size, align_corners)
         if aggregation == "add":
             probs = [torch.exp(m[part] - (mx[part] if mx.dim() else mx)) for m, mx in zip(logp, scale_max)]
             return sum(_upsample(p, size, align_corners) for p in probs)
@@ -74,6 +85,8 @@ def anomaly_maps(
         return sum(_upsample(torch.exp(m[part]), size, align_corners) for m in logp) / len(logp)
 
     combined = torch.cat([combine(slice(i, i + chunk)) for i in range(0, n, chunk)])
+    if aggregation == "finest":
+        return combined
     if aggregation == "add":
         return _max_over(combined, normalisation) - combined
     if aggregation == "mul":
@@ -97,6 +110,12 @@ def image_scores(maps: torch.Tensor, reduction: str = "topk", top_k: float = 0.0
         raise ConfigError(f"top_k={top_k} must be a fraction in (0, 1]")
     k = max(1, int(top_k * flat.shape[1]))
     return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def latent_mean_scores(log_likelihoods: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Image scores ``[N]``: minus the mean over every entry of every scale's map ``[N, h_l, w_l]``
+    (each pixel of each scale weighs the same; CS-Flow's mean of z^2 / 2, see module docstring)."""
+    return -torch.cat([m.float().flatten(1) for m in log_likelihoods], dim=1).mean(dim=1)
 
 
 @dataclass(frozen=True)
@@ -131,9 +150,12 @@ def score(log_likelihoods: Sequence[torch.Tensor], size: tuple[int, int], spec: 
             )
         return cache[aggregation]
 
-    image_map = map_for(spec.image_aggregation)
+    if spec.image_reduction in LATENT_REDUCTIONS:
+        image = latent_mean_scores(log_likelihoods)
+    else:
+        image = image_scores(map_for(spec.image_aggregation), spec.image_reduction, spec.top_k)
     return Scores(
-        image=image_scores(image_map, spec.image_reduction, spec.top_k),
+        image=image,
         pixel_map=map_for(spec.pixel_aggregation),
         pro_map=map_for(spec.pro_aggregation),
     )

@@ -33,10 +33,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from harness import metrics as M
-from harness.config import RunSettings, RunSpec, apply_overrides, to_dict
+from harness.config import RunSettings, RunSpec, to_dict
 from harness.data import AnomalyDataset, dataset_hash
 from harness.errors import HarnessError, TrainingError
-from harness.features import FeatureExtractor
 from harness.scoring import Scores, score
 from methods.registry import build_model, create_method
 
@@ -103,7 +102,7 @@ class FeatureSet:
 
 
 @torch.no_grad()
-def extract_features(extractor: FeatureExtractor, loader: DataLoader, device: torch.device,
+def extract_features(extractor: torch.nn.Module, loader: DataLoader, device: torch.device,
                      progress: bool, desc: str) -> FeatureSet:
     from tqdm import tqdm
 
@@ -146,7 +145,7 @@ class Trainer:
     def __init__(self, spec: RunSpec, settings: RunSettings | None = None, tracker: Any = None):
         self.spec = spec
         self.settings = settings or RunSettings()
-        self.config = apply_overrides(create_method(spec.method), spec.overrides)
+        self.config = create_method(spec.method, **spec.overrides)
         self.device = resolve_device(self.settings.device)
         self.seed = self.settings.seed if self.settings.seed is not None else self.config.seed
         self.epochs = self.settings.epochs or self.config.epochs
@@ -176,9 +175,7 @@ class Trainer:
         self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False)
         self.data_hash = dataset_hash(root, cls)
         self.generator = seed_everything(self.seed)
-        self.extractor = FeatureExtractor(
-            **self.config.feature_extractor_kwargs(), pretrained=self.settings.pretrained
-        ).to(self.device)
+        self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
         self.model = build_model(self.config, self.extractor.channels).to(self.device)
         self.optimizer = self.config.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scheduler = self.config.make_scheduler(self.optimizer)
@@ -205,50 +202,64 @@ class Trainer:
         loader = DataLoader(self.train_set, batch_size=self.config.batch_size, sampler=order.tolist(),
                             num_workers=self.settings.workers, pin_memory=self.device.type == "cuda")
         for batch in loader:
-            with torch.no_grad():
-                yield self.extractor(batch["image"].to(self.device, non_blocking=True))
+            images = batch["image"].to(self.device, non_blocking=True)
+            if self.config.augment:
+                images = self.config.augment_images(images)
+            yield self.extractor(images)  # frozen: the extractor runs under no_grad itself
 
     def _train_epoch(self, epoch: int) -> float:
         self.model.train()
         total, count = 0.0, 0
         for batch_index, features in enumerate(self._train_batches()):
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
-                out = self.model(features)
-                loss = self.model.loss(out)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss is {loss.item()} at epoch {epoch}, batch {batch_index}; training stopped. "
-                    f"The last good checkpoint is kept in {self.out / CHECKPOINT} (if one was written). "
-                    "Try precision=fp32, a lower lr, or check the input data."
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.config.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            batch = features[0].shape[0]
-            total += loss.item() * batch
-            count += batch
+            for loss in self._batch_losses(features):
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss is {loss.item()} at epoch {epoch}, batch {batch_index}; training stopped. "
+                        f"The last good checkpoint is kept in {self.out / CHECKPOINT} (if one was written). "
+                        "Try precision=fp32, a lower lr, or check the input data."
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if self.config.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                total += loss.item()
+                count += 1
         self.scheduler.step()
         return total / count
+
+    def _batch_losses(self, features: list[torch.Tensor]):
+        """One loss per optimiser step. Most methods take one step per image batch; a method may
+        define ``training_losses(features)`` to take several (CFlow's fiber batches)."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
+            if hasattr(self.model, "training_losses"):
+                yield from self.model.training_losses(features)
+            else:
+                yield self.model.loss(self.model(features))
 
     # -- evaluation ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def log_likelihoods(self) -> list[torch.Tensor]:
-        """Per-scale log-likelihood maps of the test set, float16 on cpu (what maps.npz stores)."""
+    def log_likelihoods(self, split: str = "test") -> list[torch.Tensor]:
+        """Per-scale log-likelihood maps of a split, float16 on cpu (what maps.npz stores).
+
+        Metrics are computed from these float16 maps, so re-scoring a stored run gives exactly the
+        figures it reported."""
         self.model.eval()
+        dataset, cached = (self.test_set, "test_features") if split == "test" else (self.train_set, "train_features")
         parts: list[list[torch.Tensor]] = []
         if self.feature_cache:
-            index = torch.arange(len(self.test_set), device=self.device)
-            batches = (self.test_features.batch(i) for i in index.split(self.config.batch_size))
+            features_of_split: FeatureSet = getattr(self, cached)
+            index = torch.arange(len(dataset), device=self.device)
+            batches = (features_of_split.batch(i) for i in index.split(self.config.batch_size))
         else:
-            batches = (self.extractor(b["image"].to(self.device)) for b in self._loader(self.test_set))
+            batches = (self.extractor(b["image"].to(self.device)) for b in self._loader(dataset))
         for features in batches:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
                 out = self.model(features)
+            self.latent_channels = [z.shape[1] for z in out.latents]
             parts.append([m.float().half().cpu() for m in self.model.log_likelihood_maps(out)])
         return [torch.cat(scale) for scale in zip(*parts)]
 
@@ -374,13 +385,35 @@ class Trainer:
         summary = self._finish(result, history)
         return summary
 
+    def _final_metrics(self, result: EvalResult) -> dict[str, float]:
+        """Metrics computed once, on the final model: mIoU at the "fair" threshold (one false
+        positive pixel per training image, U-Flow's protocol for methods without their own
+        threshold) and at the oracle threshold, plus any metric the method defines itself."""
+        metrics = dict(result.metrics)
+        if not result.masks.any():
+            return metrics
+        train_maps = score(self.log_likelihoods("train"), self.image_size, self.config.scoring()).pro_map
+        threshold = M.fair_threshold(train_maps.numpy())
+        metrics["fair_threshold"] = threshold
+        metrics["miou_fair"] = M.miou(result.masks, result.scores.pro_map.numpy(), threshold)
+        metrics["miou_oracle"], metrics["oracle_threshold"] = M.best_miou(
+            result.masks, result.scores.pro_map.numpy())
+        if hasattr(self.config, "extra_metrics"):
+            metrics.update(self.config.extra_metrics(result.log_likelihoods, self.latent_channels,
+                                                     result.masks, self.image_size))
+        return metrics
+
     def _finish(self, result: EvalResult, history: History) -> dict[str, Any]:
         save_maps(self.out / MAPS, result.log_likelihoods, result.labels,
-                  [r.path for r in self.test_set.records], self.spec.data_root, self.spec.class_name)
+                  [r.path for r in self.test_set.records], self.spec.data_root, self.spec.class_name,
+                  self.latent_channels)
+        final = self._final_metrics(result)
+        if self.tracker is not None:
+            self.tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=self.epochs)
         artifacts = write_figures(self.out / "artifacts", result, self.test_set)
         summary = {
             "method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
-            "epochs": self.epochs, "last": {k: result.metrics[k] for k in result.metrics},
+            "epochs": self.epochs, "last": final,
             "best": history.best, "history": history.epochs,
             "image_size": list(self.image_size), "seed": self.seed,
         }
@@ -408,20 +441,30 @@ def evaluate_scores(scores: Scores, labels: np.ndarray, masks: np.ndarray) -> di
 
 
 def save_maps(path: Path, logp: list[torch.Tensor], labels: np.ndarray, paths: list[Path],
-              data_root: Path, class_name: str) -> None:
-    """Per-image, per-scale log-likelihood maps (float16) with the image each row belongs to."""
+              data_root: Path, class_name: str, channels: list[int]) -> None:
+    """Per-image, per-scale log-likelihood maps (float16) with the image each row belongs to and
+    each scale's latent channel count (sum_c z^2 = -2 C logp, which U-Flow's NFA needs)."""
     class_dir = Path(data_root) / class_name
     arrays = {f"scale{i}": m.numpy().astype(np.float16) for i, m in enumerate(logp)}
     arrays["labels"] = labels
     arrays["paths"] = np.array([str(Path(p).relative_to(class_dir)) for p in paths])
+    arrays["channels"] = np.array(channels)
     atomic_write_bytes(path, lambda f: np.savez_compressed(f, **arrays))
 
 
-def load_maps(path: Path) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
+@dataclass
+class StoredMaps:
+    log_likelihoods: list[torch.Tensor]
+    labels: np.ndarray
+    paths: list[str]
+    channels: list[int]
+
+
+def load_maps(path: Path) -> StoredMaps:
     with np.load(path) as data:
         n_scales = sum(1 for k in data.files if k.startswith("scale"))
         logp = [torch.from_numpy(data[f"scale{i}"]) for i in range(n_scales)]
-        return logp, data["labels"], list(data["paths"])
+        return StoredMaps(logp, data["labels"], list(data["paths"]), data["channels"].tolist())
 
 
 def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset) -> list[Path]:
@@ -478,14 +521,14 @@ def rescore_maps(spec: RunSpec, scoring: Any = None) -> dict[str, float]:
     if not path.exists():
         raise HarnessError(f"{path} not found; train the run first (it is written at the end of training)")
     trainer = Trainer(spec, RunSettings(tracking=False, progress=False))
-    logp, labels, paths = load_maps(path)
+    stored = load_maps(path)
     test_set = AnomalyDataset(spec.data_root, spec.class_name, "test", trainer.image_size, validate=False)
     class_dir = spec.data_root / spec.class_name
-    if [str(Path(r.path).relative_to(class_dir)) for r in test_set.records] != paths:
+    if [str(Path(r.path).relative_to(class_dir)) for r in test_set.records] != stored.paths:
         raise HarnessError(f"{path} was made from another test set than {class_dir}; the data changed")
     masks = np.stack([test_set[i]["mask"][0].numpy() > 0.5 for i in range(len(test_set))])
-    scores = score(logp, trainer.image_size, scoring or trainer.config.scoring())
-    return evaluate_scores(scores, labels, masks)
+    scores = score(stored.log_likelihoods, trainer.image_size, scoring or trainer.config.scoring())
+    return evaluate_scores(scores, stored.labels, masks)
 
 
 def evaluate_run(spec: RunSpec, settings: RunSettings | None = None, from_maps: bool = False) -> dict[str, float]:

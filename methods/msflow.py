@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.errors import ConfigError
+from harness.features import FeatureExtractor
 from harness.scoring import AGGREGATIONS, ScoringSpec
 from harness.flows import (
     SUBNET_NORMS,
@@ -147,6 +148,9 @@ class MSFlowConfig:
             pool_kernel=self.pool_kernel,
             padding_mode=self.padding_mode,
         )
+
+    def feature_extractor(self, pretrained: bool = True) -> FeatureExtractor:
+        return FeatureExtractor(**self.feature_extractor_kwargs(), pretrained=pretrained)
 
     def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         return make_optimizer(self, params)

@@ -1,0 +1,333 @@
+"""CS-Flow: Fully Convolutional Cross-Scale-Flows for Image-based Defect Detection.
+
+M. Rudolph, T. Wehrbein, B. Rosenhahn, B. Wandt, WACV 2022 (arXiv 2110.02855).
+Independent re-implementation from the specification in specs/baselines.md section 5.
+
+Method. The image at full, half and quarter size passes through the same frozen EfficientNet-B5
+up to its 304-channel stage at stride 32, giving three feature maps (24, 12 and 6 pixels wide at
+768 px). One normalizing flow transforms the three maps jointly: four blocks, each a fixed random
+channel permutation per scale followed by a two-sided affine coupling applied to all scales at
+once. The coupling's subnets are "cross-convolutions": every scale is convolved on its own, and
+also receives the hidden features of its neighbours (the coarser one upsampled, the finer one
+through a strided convolution), so information flows between scales. Training minimises the
+negative log-likelihood of all latents under a standard normal, per latent dimension. The image
+score is the mean of z^2 / 2 over all latent entries of all scales.
+
+The paper has no localisation metric. The pixel map here (mean over channels of z^2 on the finest
+scale, bilinearly upsampled) is NOT part of the original method: it is the map the U-Flow authors
+used to report CS-Flow's pixel AUROC and AUPRO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.errors import ConfigError
+from harness.features import create_frozen_model
+from harness.flows import ChannelPermutation, FlowOutput, ParallelAffineCoupling, seeded_construction
+from harness.scoring import AGGREGATIONS, ScoringSpec
+from methods.registry import register_method
+
+BACKBONE_STRIDE = 32  # of the EfficientNet stage CS-Flow reads
+
+
+@dataclass
+class CSFlowConfig:
+    """Every setting of CS-Flow with the official default (specs/baselines.md section in brackets)."""
+
+    # Features [5.1]. The official code reads block 35 of efficientnet_pytorch's EfficientNet-B5
+    # (TF-ported AutoAugment weights, TF "same" padding): the last block of the 304-channel stage
+    # at stride 32. timm's tf_efficientnet_b5 is the same network with TF padding; its stage
+    # blocks[5] ends with that block. aa_in1k are timm's port of the same TF AutoAugment weights
+    # (timm's untagged default would be the Noisy-Student weights).
+    backbone: str = "tf_efficientnet_b5.aa_in1k"
+    block_stage: int = 5  # features = output of backbone.blocks[block_stage]
+    n_scales: int = 3  # the image at 1, 1/2, 1/4 of its size
+    downscale_mode: str = "nearest"  # F.interpolate's default, as the official code
+    input_size: tuple[int, int] = (768, 768)
+
+    # Flow [5.2]
+    kernel_sizes: tuple[int, ...] = (3, 3, 3, 5)  # one coupling block per entry
+    hidden_channels: int = 1024
+    leaky_slope: float = 0.1
+    clamp: float = 3.0
+
+    # Optimisation [5.3]: Adam, constant learning rate, no augmentation.
+    lr: float = 2e-4
+    adam_eps: float = 1e-4
+    weight_decay: float = 1e-5
+    grad_clip: float | None = 1.0
+    batch_size: int = 16
+    meta_epochs: int = 4  # evaluation after every meta-epoch
+    sub_epochs: int = 60  # training epochs per meta-epoch: 4 x 60 = 240 epochs
+    seed: int = 42  # the official code fixes none; anomalib's CS-Flow table used 42
+
+    # Scoring [5.4]. Image score: mean of z^2 / 2 over all latent entries (official).
+    # Pixel map: NOT part of CS-Flow (its paper and code have no pixel metric); "finest" = the
+    # U-Flow authors' evaluation: mean_c z^2 of the finest scale, bilinearly upsampled.
+    pixel_aggregation: str = "finest"
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "kernel_sizes"):
+            setattr(self, name, tuple(getattr(self, name)))
+        multiple = BACKBONE_STRIDE * 2 ** (self.n_scales - 1)
+        self._check(self.n_scales >= 1, "n_scales", "at least 1")
+        self._check(
+            len(self.input_size) == 2 and all(s > 0 and s % multiple == 0 for s in self.input_size),
+            "input_size",
+            f"(height, width), each a multiple of {multiple} (stride {BACKBONE_STRIDE} at 1/{2 ** (self.n_scales - 1)} size)",
+        )
+        self._check(len(self.kernel_sizes) >= 1, "kernel_sizes", "one kernel size per coupling block")
+        self._check(all(k >= 1 and k % 2 == 1 for k in self.kernel_sizes), "kernel_sizes", "odd kernel sizes")
+        self._check(self.hidden_channels >= 1, "hidden_channels", "at least 1")
+        self._check(self.downscale_mode in ("nearest", "bilinear", "area"), "downscale_mode", "nearest, bilinear or area")
+        self._check(self.pixel_aggregation in AGGREGATIONS, "pixel_aggregation", f"one of {AGGREGATIONS}")
+
+    def _check(self, ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"CS-Flow setting {name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+    @property
+    def epochs(self) -> int:
+        return self.meta_epochs * self.sub_epochs
+
+    @property
+    def eval_every(self) -> int:
+        return self.sub_epochs
+
+    @property
+    def augment(self) -> bool:
+        return False
+
+    def input_size_for(self, class_name: str) -> tuple[int, int]:
+        return self.input_size
+
+    def feature_extractor(self, pretrained: bool = True, weights_path: str | Path | None = None) -> nn.Module:
+        return MultiScaleEfficientNet(
+            self.backbone, self.block_stage, self.n_scales, self.downscale_mode, pretrained, weights_path
+        )
+
+    def scoring(self) -> ScoringSpec:
+        """Image score: mean of z^2 / 2 over every latent entry (``latent_mean``; exact, see
+        harness.scoring). Pixel and PRO maps: ``pixel_aggregation`` (not part of CS-Flow)."""
+        return ScoringSpec(
+            image_aggregation=self.pixel_aggregation,  # unused by latent_mean; shares the cached map
+            pixel_aggregation=self.pixel_aggregation,
+            pro_aggregation=self.pixel_aggregation,
+            normalisation="image",
+            image_reduction="latent_mean",
+            align_corners=False,
+        )
+
+    def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            [p for p in params if p.requires_grad], lr=self.lr, eps=self.adam_eps, weight_decay=self.weight_decay
+        )
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Constant learning rate (the loop steps a scheduler once per epoch)."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
+
+
+def _constant(epoch: int) -> float:
+    return 1.0
+
+
+# --- features [5.1] ------------------------------------------------------------------------------
+
+
+def stage_channels(model: nn.Module, block_stage: int) -> int:
+    """Output channels of ``model.blocks[block_stage]`` (its last BatchNorm's width)."""
+    norms = [m for m in model.blocks[block_stage].modules() if isinstance(m, nn.BatchNorm2d)]
+    return norms[-1].num_features
+
+
+class MultiScaleEfficientNet(nn.Module):
+    """The image at 1, 1/2, 1/4 ... of its size (downscaled with ``downscale_mode``), each through
+    the same frozen EfficientNet: stem, then blocks[0 .. block_stage]. forward -> n_scales maps."""
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_b5.aa_in1k",
+        block_stage: int = 5,
+        n_scales: int = 3,
+        downscale_mode: str = "nearest",
+        pretrained: bool = True,
+        weights_path: str | Path | None = None,
+    ):
+        super().__init__()
+        self.backbone_name = backbone
+        self.block_stage = block_stage
+        self.n_scales = n_scales
+        self.downscale_mode = downscale_mode
+        self.pretrained = pretrained
+        self.weights_path = Path(weights_path) if weights_path is not None else None
+        model = create_frozen_model(backbone, pretrained, weights_path)
+        if not hasattr(model, "blocks") or not hasattr(model, "conv_stem"):
+            raise ConfigError(f"CS-Flow backbone {backbone!r} is not a timm EfficientNet (conv_stem + blocks)")
+        if not 0 <= block_stage < len(model.blocks):
+            raise ConfigError(
+                f"CS-Flow setting block_stage={block_stage}: {backbone} has block stages 0..{len(model.blocks) - 1}"
+            )
+        self.stem = nn.Sequential(model.conv_stem, model.bn1)  # timm's bn1 includes the activation
+        self.blocks = model.blocks[: block_stage + 1]  # the head and later stages are never used
+        self.channels: list[int] = [stage_channels(model, block_stage)] * n_scales
+
+    def train(self, mode: bool = True) -> MultiScaleEfficientNet:
+        super().train(mode)
+        self.stem.eval()
+        self.blocks.eval()  # BatchNorm keeps its ImageNet statistics, no drop-path
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> list[Tensor]:
+        height, width = images.shape[-2:]
+        features = []
+        for scale in range(self.n_scales):
+            x = images
+            if scale:
+                size = (height // 2**scale, width // 2**scale)
+                x = F.interpolate(images, size=size, mode=self.downscale_mode)
+            features.append(self.blocks(self.stem(x)))
+        return features
+
+    def cache_key(self) -> str:
+        if not self.pretrained:
+            weights = "random"
+        elif self.weights_path is not None:
+            weights = f"file:{self.weights_path.name}"
+        else:
+            weights = "pretrained"
+        return (
+            f"{self.backbone_name}|blocks=0-{self.block_stage}|scales={self.n_scales}"
+            f"|down={self.downscale_mode}|weights={weights}"
+        )
+
+
+# --- flow [5.2] ----------------------------------------------------------------------------------
+
+
+class CrossConvolutions(nn.Module):
+    """The coupling subnet of CS-Flow, over scales ordered finest first.
+
+    Per scale: conv(k) in -> hidden, LeakyReLU; conv(k) hidden -> out. Between neighbours: the
+    coarser hidden map, upsampled x2 (bilinear), through conv(k) -> added to the finer output; the
+    finer hidden map through a stride-2 conv(k) -> added to the coarser output. Each scale's sum is
+    multiplied by a learnable scalar initialised to 0, so every block starts as the identity.
+    Zero padding k // 2, biases everywhere, PyTorch's default initialisation.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        out_channels: Sequence[int],
+        hidden: int = 1024,
+        kernel_size: int = 3,
+        leaky_slope: float = 0.1,
+    ):
+        super().__init__()
+        pad = kernel_size // 2
+        pairs = len(in_channels) - 1
+        self.inner = nn.ModuleList(nn.Conv2d(c, hidden, kernel_size, padding=pad) for c in in_channels)
+        self.outer = nn.ModuleList(nn.Conv2d(hidden, c, kernel_size, padding=pad) for c in out_channels)
+        # from_coarser[i]: scale i+1 -> scale i; from_finer[i]: scale i -> scale i+1
+        self.from_coarser = nn.ModuleList(
+            nn.Conv2d(hidden, out_channels[i], kernel_size, padding=pad) for i in range(pairs)
+        )
+        self.from_finer = nn.ModuleList(
+            nn.Conv2d(hidden, out_channels[i + 1], kernel_size, stride=2, padding=pad) for i in range(pairs)
+        )
+        self.gammas = nn.ParameterList(nn.Parameter(torch.zeros(1)) for _ in in_channels)
+        self.activation = nn.LeakyReLU(leaky_slope)
+
+    def forward(self, xs: list[Tensor]) -> list[Tensor]:
+        hidden = [self.activation(conv(x)) for conv, x in zip(self.inner, xs)]
+        out = [conv(h) for conv, h in zip(self.outer, hidden)]
+        for i in range(len(xs) - 1):
+            upsampled = F.interpolate(hidden[i + 1], size=hidden[i].shape[-2:], mode="bilinear", align_corners=False)
+            out[i] = out[i] + self.from_coarser[i](upsampled)
+            out[i + 1] = out[i + 1] + self.from_finer[i](hidden[i])
+        return [o * gamma for o, gamma in zip(out, self.gammas)]
+
+
+class CrossScaleBlock(nn.Module):
+    """A fixed random channel permutation per scale, then the parallel two-sided coupling."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        kernel_size: int,
+        hidden: int,
+        leaky_slope: float,
+        clamp: float,
+        generator: torch.Generator,
+    ):
+        super().__init__()
+        self.permutations = nn.ModuleList(ChannelPermutation(c, generator) for c in channels)
+
+        def subnet(c_in: list[int], c_out: list[int]) -> nn.Module:
+            return CrossConvolutions(c_in, c_out, hidden, kernel_size, leaky_slope)
+
+        self.coupling = ParallelAffineCoupling(channels, subnet, clamp)
+
+    def forward(self, xs: list[Tensor], rev: bool = False) -> tuple[list[Tensor], Tensor]:
+        if not rev:
+            return self.coupling([perm(x) for perm, x in zip(self.permutations, xs)])
+        xs, log_jac_det = self.coupling(xs, rev=True)
+        return [perm(x, rev=True) for perm, x in zip(self.permutations, xs)], log_jac_det
+
+
+@register_method("csflow")
+class CSFlow(nn.Module):
+    """Coupling blocks over all scales jointly (one per entry of kernel_sizes)."""
+
+    config_class = CSFlowConfig
+
+    def __init__(self, config: CSFlowConfig, feature_channels: Sequence[int]):
+        super().__init__()
+        if len(feature_channels) != config.n_scales:
+            raise ConfigError(f"CS-Flow got {len(feature_channels)} feature scales but n_scales={config.n_scales}")
+        if len(set(feature_channels)) != 1:
+            # The image score identity in harness.scoring (latent_mean) needs equal channels.
+            raise ConfigError(f"CS-Flow needs the same channels on every scale, got {list(feature_channels)}")
+        self.config = config
+        self.feature_channels = list(feature_channels)
+        with seeded_construction(config.seed) as generator:
+            self.blocks = nn.ModuleList(
+                CrossScaleBlock(feature_channels, k, config.hidden_channels, config.leaky_slope, config.clamp, generator)
+                for k in config.kernel_sizes
+            )
+
+    def forward(self, features: list[Tensor]) -> FlowOutput:
+        xs, log_jac_det = list(features), 0.0
+        for block in self.blocks:
+            xs, jac = block(xs)
+            log_jac_det = log_jac_det + jac
+        return FlowOutput(xs, log_jac_det)
+
+    def inverse(self, latents: list[Tensor]) -> list[Tensor]:
+        """Features from latents (used to check invertibility)."""
+        xs = list(latents)
+        for block in reversed(self.blocks):
+            xs, _ = block(xs, rev=True)
+        return xs
+
+    def loss(self, out: FlowOutput) -> Tensor:
+        """Batch mean of 0.5 * ||z||^2 - log|det J| over all scales, divided by the number of
+        latent dimensions (304 * (24^2 + 12^2 + 6^2) = 229,824 at 768 px)."""
+        z = torch.cat([latent.flatten(1) for latent in out.latents], dim=1)
+        return torch.mean(0.5 * z.pow(2).sum(dim=1) - out.log_jac_det) / z.shape[1]
+
+    def log_likelihood_maps(self, out: FlowOutput) -> list[Tensor]:
+        """Per scale -0.5 * mean over channels of z^2: [B, h, w]. Minus the mean of all their
+        entries is CS-Flow's image score (equal channels on every scale)."""
+        return [-0.5 * z.pow(2).mean(dim=1) for z in out.latents]
+
+
+__all__ = ["CSFlow", "CSFlowConfig", "CrossConvolutions", "MultiScaleEfficientNet", "stage_channels"]
