@@ -42,7 +42,7 @@ DEMO_METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "msflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "input_size_overrides": {},
                "batch_size": 8, "meta_epochs": 1, "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
     "cflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "input_size_overrides": {},
-              "coupling_blocks": 2, "cond_channels": 16, "fiber_batch_size": 64, "batch_size": 8,
+              "coupling_blocks": 2, "cond_channels": 16, "fiber_batch_size": 16, "batch_size": 8,
               "meta_epochs": 1, "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
     "fastflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "flow_steps": 2, "batch_size": 8,
                  "epochs": EPOCHS, "eval_every": EPOCHS},

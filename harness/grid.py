@@ -100,22 +100,11 @@ def method_overrides(params: dict[str, Any], protocol: str, dataset: str, method
 # --------------------------------------------------------------------------- the runs
 
 
-def _class_tuned(method: str, class_name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Methods whose authors tuned settings per class (U-Flow) name the class in ``tuned_class``;
-    the loop does not pass the class to a config, so the grid does."""
-    from methods.registry import create_method
-
-    fields = {f.name for f in dataclasses.fields(create_method(method))}
-    if "tuned_class" in fields and "tuned_class" not in overrides:
-        return {**overrides, "tuned_class": class_name}
-    return overrides
-
-
 def main_run(params: dict[str, Any], protocol: str, dataset: str, method: str, class_name: str,
              seed: int | str) -> GridRun:
     _get(params, f"protocols.{protocol}")
     out = _runs_root(params) / "main" / protocol / dataset / method / class_name / f"seed-{seed}"
-    overrides = _class_tuned(method, class_name, method_overrides(params, protocol, dataset, method))
+    overrides = method_overrides(params, protocol, dataset, method)
     return GridRun(
         part="main", method=method, dataset=dataset, class_name=class_name, seed=seed, out_dir=out,
         protocol=protocol, overrides=overrides,
@@ -199,16 +188,21 @@ def run_spec(params: dict[str, Any], run: GridRun) -> RunSpec:
                    out_dir=run.out_dir, overrides=run.overrides, dataset=run.dataset)
 
 
-def _matches(out_dir: Path, spec: RunSpec, settings: RunSettings) -> bool:
-    """Whether an unfinished run folder was started with these settings (so it can be resumed)."""
-    from harness.config import apply_overrides
+def method_config(spec: RunSpec) -> Any:
+    """The config a run trains with (as the loop builds it)."""
+    from harness.train import Trainer
     from methods.registry import create_method
 
+    return create_method(spec.method, **Trainer._class_settings(spec))
+
+
+def _matches(out_dir: Path, spec: RunSpec, settings: RunSettings) -> bool:
+    """Whether an unfinished run folder was started with these settings (so it can be resumed)."""
     record_path = out_dir / "record.json"
     if not record_path.exists():
         return True  # nothing recorded yet: nothing to contradict
     record = json.loads(record_path.read_text())
-    config = apply_overrides(create_method(spec.method), spec.overrides)
+    config = method_config(spec)
     seed = settings.seed if settings.seed is not None else config.seed
     recorded = record.get("config", {})
     return (recorded.get("method_config") == json.loads(json.dumps(to_dict(config)))
@@ -244,8 +238,6 @@ def rescore_variant(params: dict[str, Any], variant: str) -> list[Path]:
     ScoringSpec fields; writes a metrics.json per class and seed (last epoch only: maps are
     stored for the final model)."""
     from harness.train import atomic_write_json, rescore_maps
-    from harness.config import apply_overrides
-    from methods.registry import create_method
 
     entry = _get(params, f"ablations.rescore.{variant}")
     written = []
@@ -253,7 +245,7 @@ def rescore_variant(params: dict[str, Any], variant: str) -> list[Path]:
         for seed in params.get("seeds") or []:
             reference = reference_run(params, class_name, seed)
             spec = run_spec(params, reference)
-            config = apply_overrides(create_method(spec.method), spec.overrides)
+            config = method_config(spec)
             try:
                 scoring = dataclasses.replace(config.scoring(), **(entry.get("set") or {}))
             except TypeError as err:

@@ -59,7 +59,8 @@ METHOD_LABELS = {"msflow": "MSFlow", "cflow": "CFlow-AD", "fastflow": "FastFlow"
 LEGEND = (
     f"x100. last = final epoch (primary); best = best epoch per metric on the test set (as the "
     f"papers report). Delta = ours (last) - published. '{NOT_RUN}': in the grid, not finished; "
-    f"'{NOT_PUBLISHED}': no published figure. [k/n]: mean over k of n classes."
+    f"'{NOT_PUBLISHED}': no published figure. [k/n]: mean over k of n classes; [k/n seeds]: k of n "
+    "seeds finished."
 )
 
 
@@ -132,6 +133,7 @@ class Stat:
     seeds: int = 0
     classes: int = 0  # classes behind the mean (the smallest count over seeds)
     expected_classes: int = 0
+    expected_seeds: int = 0
 
     @property
     def missing(self) -> bool:
@@ -142,15 +144,16 @@ def class_mean_stat(results: list[RunResult], metric: str, which: str = "last") 
     """Per seed: mean over the classes that finished; then mean and std over seeds."""
     by_seed: dict[str, list[float]] = {}
     expected = len({r.run.class_name for r in results})
+    expected_seeds = len({str(r.run.seed) for r in results})
     for r in results:
         value = getattr(r, which).get(metric)
         if r.finished and value is not None and not math.isnan(value):
             by_seed.setdefault(str(r.run.seed), []).append(value)
     if not by_seed:
-        return Stat(expected_classes=expected)
+        return Stat(expected_classes=expected, expected_seeds=expected_seeds)
     means = [float(np.mean(v)) for v in by_seed.values()]
     return Stat(float(np.mean(means)), float(np.std(means, ddof=1)) if len(means) > 1 else math.nan,
-                len(means), min(len(v) for v in by_seed.values()), expected)
+                len(means), min(len(v) for v in by_seed.values()), expected, expected_seeds)
 
 
 def cell(stat: Stat) -> str:
@@ -161,6 +164,8 @@ def cell(stat: Stat) -> str:
         text += f" ± {100 * stat.std:.2f}"
     if stat.classes < stat.expected_classes:
         text += f" [{stat.classes}/{stat.expected_classes}]"
+    if stat.seeds < stat.expected_seeds:
+        text += f" [{stat.seeds}/{stat.expected_seeds} seeds]"
     return text
 
 
@@ -370,7 +375,8 @@ def ablation_tables(params: dict[str, Any], results: list[RunResult], published:
                 row[METRIC_LABELS[metric]] = cell(stat)
                 if metric == "image_auroc":
                     image_last = stat
-            pub = _ablation_published(published, dataset, name, pub_setting, len(classes), classes)
+            whole = set(classes) >= set(params["datasets"].get(dataset, {}).get("classes") or [])
+            pub = _ablation_published(published, dataset, name, pub_setting, whole)
             row["published (image AUROC)"] = published_cell(pub)
             row["Δ image AUROC"] = delta_cell(image_last, pub) if image_last is not None else NOT_RUN
             rows[label] = row
@@ -386,9 +392,11 @@ def ablation_tables(params: dict[str, Any], results: list[RunResult], published:
 
 
 def _ablation_published(published: pd.DataFrame, dataset: str, name: str, setting: dict | None,
-                        n_classes: int, classes: list[str]) -> float | None:
+                        whole_dataset: bool) -> float | None:
     """The published image AUROC of an ablation row, where one exists (msflow.md 9.4): the
-    default row's headline (when the ablation covers the whole dataset) and the full-mean score."""
+    default row's headline and the full-mean score, both means over the whole dataset."""
+    if not whole_dataset:
+        return None
     rows = published[(published["dataset"] == dataset) & (published["method"] == "msflow")
                      & (published["class"] == "mean") & (published["metric"] == "image_auroc")]
     if name == "default":

@@ -145,7 +145,7 @@ class Trainer:
     def __init__(self, spec: RunSpec, settings: RunSettings | None = None, tracker: Any = None):
         self.spec = spec
         self.settings = settings or RunSettings()
-        self.config = create_method(spec.method, **spec.overrides)
+        self.config = create_method(spec.method, **self._class_settings(spec))
         self.device = resolve_device(self.settings.device)
         self.seed = self.settings.seed if self.settings.seed is not None else self.config.seed
         self.epochs = self.settings.epochs or self.config.epochs
@@ -160,6 +160,17 @@ class Trainer:
             )
         self.tracker = tracker
         self.out = spec.out_dir
+
+    @staticmethod
+    def _class_settings(spec: RunSpec) -> dict[str, Any]:
+        """Overrides plus the class, for methods whose official settings differ per class
+        (U-Flow's per-class learning rates, batches and epochs: the ``tuned_class`` field)."""
+        from methods.registry import config_fields
+
+        overrides = dict(spec.overrides)
+        if "tuned_class" in config_fields(spec.method):
+            overrides.setdefault("tuned_class", spec.class_name)
+        return overrides
 
     # -- set-up -----------------------------------------------------------------------------
 

@@ -352,8 +352,8 @@ class CFlow(nn.Module):
                     "so that decoder would never be trained; lower fiber_batch_size or raise batch_size or "
                     "input_size"
                 )
-            for index in fiber_batches(fibers.shape[0], config.fiber_batch_size, self.fiber_generator):
-                index = index.to(x.device)
+            batches = fiber_batches(fibers.shape[0], config.fiber_batch_size, self.fiber_generator).to(x.device)
+            for index in batches:
                 # Each loss is back-propagated, whatever grad mode the features were produced under.
                 with torch.enable_grad():
                     z, jac = self._decode(layer, fibers[index], codes[index])

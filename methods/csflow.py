@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,7 +36,8 @@ from harness.flows import ChannelPermutation, FlowOutput, ParallelAffineCoupling
 from harness.scoring import AGGREGATIONS, ScoringSpec
 from methods.registry import register_method
 
-BACKBONE_STRIDE = 32  # of the EfficientNet stage CS-Flow reads
+DOWNSCALE_MODES = ("nearest", "bilinear", "area")
+
 
 
 @dataclass
@@ -44,8 +47,9 @@ class CSFlowConfig:
     # Features [5.1]. The official code reads block 35 of efficientnet_pytorch's EfficientNet-B5
     # (TF-ported AutoAugment weights, TF "same" padding): the last block of the 304-channel stage
     # at stride 32. timm's tf_efficientnet_b5 is the same network with TF padding; its stage
-    # blocks[5] ends with that block. aa_in1k are timm's port of the same TF AutoAugment weights
-    # (timm's untagged default would be the Noisy-Student weights).
+    # blocks[5] ends with that block (blocks 0..35). aa_in1k (timm's port of the TF AutoAugment
+    # checkpoint) is our best match for those weights, not verified bit for bit; timm's untagged
+    # default would be the Noisy-Student weights, anomalib uses torchvision's efficientnet_b5.
     backbone: str = "tf_efficientnet_b5.aa_in1k"
     block_stage: int = 5  # features = output of backbone.blocks[block_stage]
     n_scales: int = 3  # the image at 1, 1/2, 1/4 of its size
@@ -76,17 +80,21 @@ class CSFlowConfig:
     def __post_init__(self) -> None:
         for name in ("input_size", "kernel_sizes"):
             setattr(self, name, tuple(getattr(self, name)))
-        multiple = BACKBONE_STRIDE * 2 ** (self.n_scales - 1)
         self._check(self.n_scales >= 1, "n_scales", "at least 1")
+        architecture = self.backbone.partition(".")[0]
+        self._check(timm.is_model(architecture), "backbone", "a timm EfficientNet, e.g. tf_efficientnet_b5.aa_in1k")
+        stride = stage_stride(architecture, self.block_stage)
+        # Every scale's map must halve exactly: 768 -> 24 / 12 / 6 with stride 32.
+        multiple = stride * 2 ** (self.n_scales - 1)
         self._check(
             len(self.input_size) == 2 and all(s > 0 and s % multiple == 0 for s in self.input_size),
             "input_size",
-            f"(height, width), each a multiple of {multiple} (stride {BACKBONE_STRIDE} at 1/{2 ** (self.n_scales - 1)} size)",
+            f"(height, width), each a multiple of {multiple} (stride {stride} at 1/{2 ** (self.n_scales - 1)} size)",
         )
         self._check(len(self.kernel_sizes) >= 1, "kernel_sizes", "one kernel size per coupling block")
         self._check(all(k >= 1 and k % 2 == 1 for k in self.kernel_sizes), "kernel_sizes", "odd kernel sizes")
         self._check(self.hidden_channels >= 1, "hidden_channels", "at least 1")
-        self._check(self.downscale_mode in ("nearest", "bilinear", "area"), "downscale_mode", "nearest, bilinear or area")
+        self._check(self.downscale_mode in DOWNSCALE_MODES, "downscale_mode", f"one of {DOWNSCALE_MODES}")
         self._check(self.pixel_aggregation in AGGREGATIONS, "pixel_aggregation", f"one of {AGGREGATIONS}")
 
     def _check(self, ok: bool, name: str, expected: str) -> None:
@@ -140,6 +148,23 @@ def _constant(epoch: int) -> float:
 
 
 # --- features [5.1] ------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def stage_stride(architecture: str, block_stage: int) -> int:
+    """Output stride of blocks[block_stage] of a timm EfficientNet, read from an empty (meta) model."""
+    with torch.device("meta"):
+        model = timm.create_model(architecture, pretrained=False)
+    if not hasattr(model, "blocks") or not 0 <= block_stage < len(model.blocks):
+        raise ConfigError(
+            f"CS-Flow setting block_stage={block_stage}: {architecture} is not a timm EfficientNet "
+            "with that block stage"
+        )
+    stride = 1
+    for module in [model.conv_stem, *model.blocks[: block_stage + 1].modules()]:
+        if isinstance(module, nn.Conv2d):
+            stride *= module.stride[0]
+    return stride
 
 
 def stage_channels(model: nn.Module, block_stage: int) -> int:
@@ -300,7 +325,9 @@ class CSFlow(nn.Module):
         self.feature_channels = list(feature_channels)
         with seeded_construction(config.seed) as generator:
             self.blocks = nn.ModuleList(
-                CrossScaleBlock(feature_channels, k, config.hidden_channels, config.leaky_slope, config.clamp, generator)
+                CrossScaleBlock(
+                    feature_channels, k, config.hidden_channels, config.leaky_slope, config.clamp, generator
+                )
                 for k in config.kernel_sizes
             )
 

@@ -50,7 +50,7 @@ class BackbonePreset:
 PRESETS: dict[str, BackbonePreset] = {
     # ResNets: stages 1-3 (64/128/256 or 256/512/1024 channels at strides 4/8/16), 8 steps.
     # resnet18 uses 3x3 kernels in every step in the reference configuration; anomalib (2.x)
-    # alternates 3x3/1x1 for it too (conv3x3_only=False reproduces anomalib).
+    # alternates 3x3/1x1 for resnet18 as well (conv3x3_only=False reproduces anomalib).
     "resnet18": BackbonePreset("cnn", "a1_in1k", (256, 256), 8, 1.0, True),
     "wide_resnet50_2": BackbonePreset("cnn", "racm_in1k", (256, 256), 8, 1.0, False),
     # Transformers: the paper's block index (7 of DeiT, 40 of CaiT) + the final norm, 20 steps.
@@ -84,11 +84,13 @@ class FastFlowConfig:
 
     # Features [4.1]. Default: Wide-ResNet-50-2, because the FastFlow rows that MSFlow and U-Flow
     # compare against use WRN-50-class features (anomalib's own default is resnet18).
-    # Weights: the reference code creates the model with timm's untagged name (timm 0.5.4), which
-    # loads timm's default weights; for these architectures those are still timm's default tags
-    # today: wide_resnet50_2.racm_in1k (timm-trained, not the torchvision V1 weights that
-    # MSFlow/CFlow use), resnet18.a1_in1k (ResNet-strikes-back A1), the DeiT/CaiT Facebook weights.
-    # A backbone without a tag gets its preset's tag.
+    # Weights: the reference code (pinned to timm 0.5.4) and anomalib create the backbone by its
+    # untagged timm name, i.e. timm's default weights. We name today's default tags explicitly:
+    # wide_resnet50_2.racm_in1k (timm-trained; not the torchvision V1 weights MSFlow and CFlow
+    # use), resnet18.a1_in1k (ResNet-strikes-back A1), deit_...fb_in1k, cait_...fb_dist_in1k.
+    # That timm 0.5.4 already defaulted to these (rather than e.g. resnet18.tv_in1k) is our
+    # reading of timm's history, not checked against that release. A backbone given without a
+    # tag gets its preset's tag.
     backbone: str = "wide_resnet50_2.racm_in1k"
     input_size: tuple[int, int] | None = None  # preset: 256 (ResNets), 384 (DeiT), 448 (CaiT)
     stages: tuple[int, ...] | None = None  # ResNets: timm stages (1, 2, 3)
@@ -310,7 +312,9 @@ class FastFlow(nn.Module):
         with seeded_construction(config.seed) as generator:
             # The LayerNorm ties the model to the input size (its affine weights are per C, H, W).
             self.norms = (
-                nn.ModuleList(nn.LayerNorm([c, h, w], elementwise_affine=True) for c, (h, w) in zip(feature_channels, sizes))
+                nn.ModuleList(
+                    nn.LayerNorm([c, h, w], elementwise_affine=True) for c, (h, w) in zip(feature_channels, sizes)
+                )
                 if settings.family == "cnn"
                 else None
             )

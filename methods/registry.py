@@ -61,10 +61,15 @@ def _entry(name: str) -> MethodEntry:
     return _METHODS[name]
 
 
+def config_fields(name: str) -> list[str]:
+    """The settings a method's config accepts."""
+    return [f.name for f in dataclasses.fields(_entry(name).config_class) if f.init]
+
+
 def create_method(name: str, **overrides: Any):
     """The method's config (a dataclass instance): official defaults with ``overrides`` applied."""
     config_class = _entry(name).config_class
-    valid = [f.name for f in dataclasses.fields(config_class) if f.init]
+    valid = config_fields(name)
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ConfigError(

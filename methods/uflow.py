@@ -15,8 +15,8 @@ segmentation is unsupervised: an a contrario test on the latents (harness.nfa) f
 whose number of false alarms is below 1.
 
 Deviations from the reference code, all documented at the setting that controls them:
-- per-class learning rates, batches and epochs are applied through ``tuned_class``, since the
-  shared loop does not pass the class to the method's settings;
+- per-class learning rates, batches and epochs come from ``tuned_class``, which the shared loop
+  sets to the class being trained;
 - the loop evaluates every ``eval_every`` epochs on the last checkpoint (no early stopping on the
   test set) and computes its metrics at the input resolution (448) where the reference resizes
   maps and masks to 256; the NFA metrics are computed at ``nfa_size`` (256, as the reference);
@@ -93,8 +93,8 @@ class UFlowConfig:
     permute_soft: bool = False
     hidden_ratio: float = 1.0  # subnet conv-ReLU-conv, kernels 3 and 1 alternating
 
-    # Optimisation [6.3]. The authors tuned lr, batch size and epochs per MVTec AD class; set
-    # tuned_class to the class (the loop does not pass it to the settings). Left at None, lr /
+    # Optimisation [6.3]. The authors tuned lr, batch size and epochs per MVTec AD class; the
+    # training loop sets tuned_class to the class being trained. Left at None, lr /
     # batch_size / epochs take that class's tuned values, or the default configuration's
     # (1e-4, 8, 200) for any other class or dataset; a value you set yourself wins.
     tuned_class: str = ""
@@ -116,8 +116,11 @@ class UFlowConfig:
     loss_batch_sum_bug: bool = False
 
     # Scoring and a contrario segmentation [6.4]
-    nfa_size: tuple[int, int] | None = (256, 256)  # NFA maps and their mIoU at 256 as the reference; None = input size
-    official_lower_tail: bool = False  # True: the reference's NFA, which also "detects" under-dispersed latents
+    # The NFA maps and their mIoU are computed at 256x256 as in the reference (None: the input size).
+    # The loop's own metrics (AUROC, AU-PRO, mIoU) are computed at the input size for every method.
+    nfa_size: tuple[int, int] | None = (256, 256)
+    # True: the reference's NFA, which also counts the invalid lower tail (flags under-dispersed latents).
+    official_lower_tail: bool = False
 
     def __post_init__(self) -> None:
         for name in ("coarse_input_size", "resnet_stages", "input_size"):
@@ -127,7 +130,8 @@ class UFlowConfig:
         self.tuned_settings = {k: tuple(v) for k, v in self.tuned_settings.items()}
         self._apply_tuned_settings()
         architecture = self.backbone.partition(".")[0]
-        self._check(self.backbone == MCAIT or architecture in RESNETS, "backbone", f"'{MCAIT}' or a timm {RESNETS} name")
+        self._check(self.backbone == MCAIT or architecture in RESNETS, "backbone",
+                    f"'{MCAIT}' or a timm {RESNETS} name")
         self._check(len(self.input_size) == 2 and min(self.input_size) > 0, "input_size", "(height, width)")
         self._check(self.blocks_per_stage >= 1, "blocks_per_stage", "at least 1")
         self._check(self.clamp > 0, "clamp", "a positive number")
@@ -151,12 +155,12 @@ class UFlowConfig:
                 "coarse token grid is exactly half the fine one (e.g. 448 and 224)",
             )
         else:
-            self._check(
-                len(self.resnet_stages) >= 1 and list(self.resnet_stages) == list(range(self.resnet_stages[0], self.resnet_stages[-1] + 1)),
-                "resnet_stages", "consecutive stages such as (1, 2, 3)",
-            )
-            self._check(all(s % 2 ** (self.resnet_stages[-1] + 1) == 0 for s in self.input_size), "input_size",
-                        f"a multiple of {2 ** (self.resnet_stages[-1] + 1)} for ResNet stages {self.resnet_stages}")
+            stages = list(self.resnet_stages)
+            self._check(stages == list(range(stages[0], stages[0] + len(stages))) if stages else False,
+                        "resnet_stages", "consecutive stages such as (1, 2, 3)")
+            coarsest_stride = 2 ** (stages[-1] + 1)  # ResNet stage s has stride 2^(s+1)
+            self._check(all(s % coarsest_stride == 0 for s in self.input_size), "input_size",
+                        f"a multiple of {coarsest_stride} for ResNet stages {self.resnet_stages}")
 
     def _apply_tuned_settings(self) -> None:
         """Fill lr / batch_size / epochs left at None (when the config is created)."""
@@ -190,7 +194,9 @@ class UFlowConfig:
                 self.input_size, self.coarse_input_size, pretrained,
                 self.fine_weights_path, self.coarse_weights_path,
             )
-        return FeatureExtractor(self.backbone, self.resnet_stages, pool="none", pretrained=pretrained, padding_mode="zeros")
+        # timm ResNet with its stock zero padding, stage maps unpooled.
+        return FeatureExtractor(self.backbone, self.resnet_stages, pool="none", pretrained=pretrained,
+                                padding_mode="zeros")
 
     def scoring(self) -> ScoringSpec:
         """map = 1 - mean over scales of exp(-0.5 mean_c z^2) upsampled (align_corners False);
@@ -260,7 +266,9 @@ def create_cait(
     if not timm.is_model(architecture) or not architecture.startswith("cait"):
         raise ConfigError(f"unknown CaiT backbone {name!r}; use a timm CaiT such as 'cait_m48_448.fb_dist_in1k'")
     if pretrained and not tag:
-        raise ConfigError(f"backbone {name!r} has no weight tag; name the weights explicitly, e.g. '{architecture}.fb_dist_in1k'")
+        raise ConfigError(
+            f"backbone {name!r} has no weight tag; name the weights explicitly, e.g. '{architecture}.fb_dist_in1k'"
+        )
     if not pretrained:
         return timm.create_model(name, pretrained=False, depth=blocks)
     kwargs = {}
@@ -379,6 +387,11 @@ def flow_stage(channels: int, config: UFlowConfig, generator: torch.Generator):
     )
 
 
+def split_channels(x: Tensor, first: int) -> tuple[Tensor, Tensor]:
+    """The first ``first`` channels and the rest."""
+    return torch.split(x, [first, x.shape[1] - first], dim=1)
+
+
 @register_method("uflow")
 class UFlow(nn.Module):
     """Stages from the coarsest scale to the finest; between stages half of the channels leave as a
@@ -414,9 +427,12 @@ class UFlow(nn.Module):
             Fm.IRevNetUpsampling([(c, 1, 1)]) if c else nn.Identity() for c in self.upsampled_channels
         )
         self.feature_norms = None
-        if config.backbone != MCAIT:  # ResNet alternative: trainable LayerNorm over [C, H, W] per scale
+        # ResNet alternative: a trainable LayerNorm over [C, H, W] per scale, as FastFlow. It normalises
+        # the features before the flow and is not part of the log-determinant.
+        if config.backbone != MCAIT:
             self.feature_norms = nn.ModuleList(
-                nn.LayerNorm([c, *hw], elementwise_affine=True) for c, hw in zip(self.feature_channels, config.feature_sizes())
+                nn.LayerNorm([c, *hw], elementwise_affine=True)
+                for c, hw in zip(self.feature_channels, config.feature_sizes())
             )
 
     def forward(self, features: list[Tensor]) -> FlowOutput:
@@ -431,7 +447,7 @@ class UFlow(nn.Module):
             if s == 0:
                 latents[s] = y
             else:
-                moving, latents[s] = torch.split(y, [self.upsampled_channels[s], y.shape[1] - self.upsampled_channels[s]], dim=1)
+                moving, latents[s] = split_channels(y, self.upsampled_channels[s])
                 (carried,), _ = self.upsamplers[s]([moving])
         return FlowOutput(latents, log_jac_det)
 
@@ -446,7 +462,7 @@ class UFlow(nn.Module):
             if s == n - 1:
                 features[s] = x
                 break
-            features[s], carried = torch.split(x, [self.feature_channels[s], x.shape[1] - self.feature_channels[s]], dim=1)
+            features[s], carried = split_channels(x, self.feature_channels[s])
             (moving,), _ = self.upsamplers[s + 1]([carried], rev=True)
             y = torch.cat([moving, latents[s + 1]], dim=1)
         return features

@@ -14,7 +14,7 @@ from harness.errors import ConfigError
 from harness.flows import positional_encoding_2d
 from harness.profile import trainable_parameters
 from harness.scoring import score
-from harness.train import Trainer
+from harness.train import MAPS, Trainer, evaluate_scores, load_maps
 from methods import build_model, create_method, list_methods
 from methods.cflow import (
     CFlow,
@@ -22,7 +22,6 @@ from methods.cflow import (
     fiber_batches,
     learning_rate,
     random_rotation_augment,
-    to_fibers,
 )
 
 WRN50 = [512, 1024, 2048]  # layer2-4
@@ -334,16 +333,19 @@ def test_set_normalised_scoring_is_spec_3_4():
 
 # --- a short training run ------------------------------------------------------------------------------
 
-# CFlow's architecture at toy size: resnet18 layer2-4 at 128 px (maps 16/8/4), fiber batches of 64.
+# CFlow's architecture at toy size: resnet18 layer2-4 at 128 px (maps 16/8/4), 2 coupling blocks with
+# hard permutations (the rotations are covered above and slow to draw), the 40 training images in
+# one batch, fiber batches of 512: an epoch is 20 + 5 + 1 optimiser steps.
 SMALL = dict(
     backbone="resnet18.tv_in1k",
     input_size=(128, 128),
     coupling_blocks=2,
     cond_channels=16,
-    fiber_batch_size=64,
-    batch_size=8,
-    lr=1e-3,
-    meta_epochs=2,
+    permute_soft=False,
+    fiber_batch_size=512,
+    batch_size=40,
+    lr=3e-3,
+    meta_epochs=1,
     sub_epochs=2,
     warmup_meta_epochs=0,
 )
@@ -362,17 +364,20 @@ def trained(embedded_root, tmp_path_factory):
 def test_short_run_lowers_the_loss_and_scores_above_chance(trained):
     trainer, summary = trained
     losses = [row["loss"] for row in summary["history"]]
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert [row["epoch"] for row in summary["history"] if "image_auroc" in row] == [2, 4]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    assert [row["epoch"] for row in summary["history"] if "image_auroc" in row] == [2]  # once per meta-epoch
     assert summary["last"]["image_auroc"] > 0.7
     assert summary["last"]["pixel_auroc"] > 0.7
     assert not trainer.feature_cache  # augmentation: the encoder runs on every training batch
 
 
 def test_maps_at_input_resolution(trained):
-    trainer, _ = trained
-    result = trainer.evaluate()
+    trainer, summary = trained
+    stored = load_maps(trainer.out / MAPS)
     n = len(trainer.test_set)
-    assert [m.shape for m in result.log_likelihoods] == [(n, 16, 16), (n, 8, 8), (n, 4, 4)]
-    assert result.scores.pixel_map.shape == (n, 128, 128)
-    assert torch.equal(result.scores.image, result.scores.pixel_map.flatten(1).amax(dim=1))
+    assert [tuple(m.shape) for m in stored.log_likelihoods] == [(n, 16, 16), (n, 8, 8), (n, 4, 4)]
+    assert stored.channels == [128, 256, 512]
+    scores = score(stored.log_likelihoods, trainer.image_size, trainer.config.scoring())
+    assert scores.pixel_map.shape == (n, 128, 128)
+    assert torch.equal(scores.image, scores.pixel_map.flatten(1).amax(dim=1))
+    assert evaluate_scores(scores, *trainer._ground_truth())["image_auroc"] == summary["last"]["image_auroc"]

@@ -20,6 +20,15 @@ from methods.uflow import TUNED_SETTINGS, MultiScaleCaiT, UFlow, UFlowConfig
 MCAIT_CHANNELS = [768, 384]  # CaiT-M48 blocks 0-40 at 448 px (28x28), CaiT-S24 blocks 0-20 at 224 px (14x14)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and much faster on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def brute_force_log_det(function, x: torch.Tensor) -> torch.Tensor:
     jacobian = torch.autograd.functional.jacobian(function, x, vectorize=True)
     return torch.linalg.slogdet(jacobian.reshape(x.numel(), x.numel()))[1]

@@ -1,0 +1,127 @@
+"""The pipeline: dvc.yaml expands to one stage per run of the grid in params.yaml, each stage
+depends on its own settings only, and a tiny pipeline (the demo's machinery, one class, MSFlow
+only, one epoch) runs end to end, does nothing the second time, and re-runs only the stage whose
+setting changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import demo, grid
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=demo._environment(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict:
+    """Every stage of the project's dvc.yaml, expanded with params.yaml, via DVC's Python API."""
+    from dvc.repo import Repo
+
+    with Repo(str(PROJECT)) as repo:
+        return {stage.addressing: {
+            "cmd": stage.cmd,
+            "params": sorted(key for dep in stage.deps if hasattr(dep, "params") for key in dep.params),
+            "deps": [str(Path(d.def_path)) for d in stage.deps if not hasattr(d, "params")],
+            "outs": [str(o.def_path) for o in stage.outs],
+        } for stage in repo.index.stages}
+
+
+def test_dvc_yaml_expands_to_the_grid(stages):
+    params = grid.load(PROJECT / "params.yaml")
+    runs = list(grid.main_runs(params))
+    train = [r for r in grid.ablation_runs(params) if r.variant in params["ablations"]["train"]]
+    assert sum(name.startswith("main_") for name in stages) == len(runs)
+    assert sum(name.startswith("ablation@") for name in stages) == len(train)
+    assert {n for n in stages if n.startswith("rescore@")} == {f"rescore@{v}" for v in params["ablations"]["rescore"]}
+    assert {n for n in stages if n.startswith("prepare@")} == {f"prepare@{d}" for d in params["prepare"]}
+    assert "tables" in stages
+    # 15 MVTec AD classes, the MTD class, 12 mSTC scenes; 2 protocols; 5 methods; seeds.
+    n_classes = sum(len(c["classes"]) for c in params["datasets"].values())
+    assert len(runs) == n_classes * 2 * len(params["methods"]) * len(params["seeds"])
+    # every run folder is one stage's output, and the grid module agrees on where it is
+    outs = {o for s in stages.values() for o in s["outs"]}
+    assert {str(r.out_dir) for r in runs} <= outs
+    assert {str(r.out_dir) for r in train} <= outs
+    for name, stage in stages.items():
+        if name.startswith(("main_", "ablation@")):
+            assert stage["cmd"].endswith("--resume"), name
+
+
+def test_each_run_depends_on_its_own_settings_only(stages):
+    cflow = stages["main_mvtec_ad@official-cflow-bottle-0"]
+    assert cflow["params"] == sorted(["methods.cflow.all", "methods.cflow.mvtec_ad", "protocols.official.settings",
+                                      "protocols.official.methods.cflow", "runtime.precision", "runtime.pretrained"])
+    assert "datasets/mvtec_ad/bottle" in cflow["deps"]
+    assert "methods/cflow.py" in cflow["deps"] and "methods/msflow.py" not in cflow["deps"]
+    unified = stages["main_mtd@unified-msflow-magnetic_tile-0"]
+    assert "methods.msflow.mtd" in unified["params"] and "protocols.unified.methods.msflow" in unified["params"]
+    pooling = stages["ablation@pool_max-screw-0"]
+    assert "ablations.train.pool_max.set" in pooling["params"]
+    assert not [p for p in pooling["params"] if p.startswith("ablations.train.") and "pool_max" not in p]
+    assert not [p for p in pooling["params"] if p.startswith("methods.") and "msflow" not in p]
+    rescore = stages["rescore@full_mean"]
+    assert "runs/main/official/mvtec_ad/msflow" in rescore["deps"]
+    assert "ablations.rescore.full_mean.set" in rescore["params"]
+
+
+# --------------------------------------------------------------------------- a tiny pipeline
+
+TINY = {"backbone": "resnet18.tv_in1k", "input_size": [32, 32], "input_size_overrides": {},
+        "parallel_blocks": [1, 1, 1], "batch_size": 20, "meta_epochs": 1, "sub_epochs": 1,
+        "warmup_meta_epochs": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline") / "demo"
+    demo.init_project(out, methods=["msflow"])
+    params = yaml.safe_load((out / "params.yaml").read_text())
+    params["datasets"]["embedded"]["classes"] = ["washer"]
+    params["methods"]["msflow"]["all"] = dict(TINY)
+    params["protocols"] = {"official": params["protocols"]["official"]}
+    params["ablations"]["classes"] = ["washer"]
+    params["ablations"]["train"] = {"fusion_off": params["ablations"]["train"]["fusion_off"]}
+    params["ablations"]["rescore"] = {"full_mean": params["ablations"]["rescore"]["full_mean"]}
+    (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    demo.repro(out, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_end_to_end(tiny_project):
+    tables = tiny_project / "results"
+    summary = (tables / "README.md").read_text()
+    assert "DEMO" in summary and "random backbone weights" in summary
+    assert (tables / "ablation_fusion.csv").exists() and (tables / "ablation_top_k.tex").exists()
+    run = tiny_project / "runs/main/official/embedded/msflow/washer/seed-0"
+    assert (run / "metrics.json").exists() and (run / "cost.json").exists() and (run / "maps.npz").exists()
+    assert not (run / "checkpoint.pt").exists()  # the demo keeps no checkpoints
+    rescored = json.loads((tiny_project / "runs/ablations/full_mean/washer/seed-0/metrics.json").read_text())
+    assert rescored["scoring"]["top_k"] == 1.0
+    assert (tiny_project / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_second_repro_does_nothing_and_a_change_reruns_only_its_stage(tiny_project):
+    assert "up to date" in dvc("status", cwd=tiny_project)
+    repro = dvc("repro", cwd=tiny_project)
+    assert "Running stage" not in repro
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params["ablations"]["train"]["fusion_off"]["set"]["clamp"] = 1.5
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(json.loads(dvc("status", "--json", cwd=tiny_project)))
+    # the tables read every setting of the ablations, so they are rebuilt as well
+    assert changed == {"ablation@fusion_off-washer-0", "tables"}
