@@ -31,6 +31,7 @@ class RunSettings:
     eval_every: int | None = None  # None = the method's own evaluation interval
     pretrained: bool = True  # random backbone weights are for tests only, never for reported numbers
     progress: bool = True
+    figures: bool = True  # ROC / PRO curves and the image grid, written at the end of a run
     tracking: bool = True
     tracking_uri: str | None = None  # None = sqlite:///mlflow.db in the project root
     experiment: str = "flowad"

@@ -60,38 +60,11 @@ def create_backbone(
     pretrained=True loads the tagged weights through timm (Hugging Face Hub cache), or from
     ``weights_path`` when given. Raises HarnessError with instructions when they cannot be loaded.
     """
-    architecture, _, tag = name.partition(".")
-    if not timm.is_model(architecture):
-        raise ConfigError(f"unknown backbone {name!r}: timm has no architecture {architecture!r}")
     if padding_mode not in PADDING_MODES:
         raise ConfigError(f"backbone padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    if pretrained and not tag:
-        raise ConfigError(
-            f"backbone {name!r} has no weight tag; name the weights explicitly, e.g. "
-            f"'{architecture}.tv_in1k' (torchvision V1, as the official MSFlow/CFlow code)"
-        )
-    kwargs = dict(features_only=True, out_indices=tuple(stages))
-    if pretrained and weights_path is not None:
-        weights_path = Path(weights_path).expanduser()
-        if not weights_path.is_file():
-            raise HarnessError(f"backbone weights file {weights_path} (weights_path) does not exist. {_weights_help(name)}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_path))
-    try:
-        backbone = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except Exception as error:  # network, cache, file format or key mismatch: all say the same to a user
-        if not pretrained:
-            raise
-        source = f"from {weights_path}" if weights_path is not None else "from the Hugging Face Hub or its cache"
-        raise HarnessError(
-            f"could not load pretrained weights for backbone '{name}' {source} "
-            f"({type(error).__name__}: {str(error)[:300]}). {_weights_help(name)}"
-        ) from error
-
+    backbone = create_frozen_model(name, pretrained, weights_path, features_only=True, out_indices=tuple(stages))
     if padding_mode == "reflect":
         _use_reflect_padding(backbone)
-    backbone.eval()
-    for parameter in backbone.parameters():
-        parameter.requires_grad_(False)
     return backbone
 
 
@@ -170,8 +143,9 @@ def create_frozen_model(
         raise ConfigError(f"unknown backbone {name!r}: timm has no architecture {architecture!r}")
     if pretrained and not tag:
         raise ConfigError(
-            f"backbone {name!r} has no weight tag; name the weights explicitly, "
-            f"e.g. one of {timm.list_pretrained(architecture + '.*')[:4]}"
+            f"backbone {name!r} has no weight tag; name the weights explicitly, e.g. one of "
+            f"{timm.list_pretrained(architecture + '.*')[:4]} ('.tv_in1k' = torchvision V1 weights, "
+            "as the official MSFlow and CFlow code use)"
         )
     if pretrained and weights_path is not None:
         weights_path = Path(weights_path).expanduser()

@@ -421,7 +421,7 @@ class Trainer:
         final = self._final_metrics(result)
         if self.tracker is not None:
             self.tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=self.epochs)
-        artifacts = write_figures(self.out / "artifacts", result, self.test_set)
+        artifacts = write_figures(self.out / "artifacts", result, self.test_set) if self.settings.figures else []
         summary = {
             "method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
             "epochs": self.epochs, "last": final,

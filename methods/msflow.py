@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import FrEIA.modules as Fm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +30,7 @@ from harness.flows import (
     SUBNET_NORMS,
     ChannelLayerNorm,
     ChannelPermutation,
+    ParallelAffineCoupling,
     FlowOutput,
     all_in_one_flow,
     conv_subnet,
@@ -185,11 +185,6 @@ def make_scheduler(config: MSFlowConfig, optimizer: torch.optim.Optimizer) -> to
 # --- fusion flow [3] ----------------------------------------------------------------------------
 
 
-def soft_clamp(s: Tensor, clamp: float) -> Tensor:
-    """Bound log-scales to about +-clamp: clamp * 0.636 * atan(s / clamp) (0.636 ~ 2/pi)."""
-    return clamp * 0.636 * torch.atan(s / clamp)
-
-
 class CrossScaleMixer(nn.Module):
     """Shrink every scale to the coarsest size, concatenate, fuse by conv-LN-ReLU-conv-ReLU,
     split, bring each part back to its scale's size and add it to that scale's input."""
@@ -217,66 +212,22 @@ class CrossScaleMixer(nn.Module):
 
 
 class FusionSubnet(nn.Module):
-    """Per-scale (log-scale s, shift t) for one half of the fusion coupling, from all scales."""
+    """Per-scale [log-scale s | shift t] for one half of the fusion coupling, from all scales:
+    the cross-scale mixer, then two separate conv3x3 per scale (one for s, one for t)."""
 
     def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int]):
         super().__init__()
+        half = [o // 2 for o in out_channels]  # out_channels counts s and t together
         self.mixer = CrossScaleMixer(in_channels)
-        self.scale_convs = nn.ModuleList(nn.Conv2d(c, o, 3, padding=1) for c, o in zip(in_channels, out_channels))
-        self.shift_convs = nn.ModuleList(nn.Conv2d(c, o, 3, padding=1) for c, o in zip(in_channels, out_channels))
+        self.scale_convs = nn.ModuleList(nn.Conv2d(c, o, 3, padding=1) for c, o in zip(in_channels, half))
+        self.shift_convs = nn.ModuleList(nn.Conv2d(c, o, 3, padding=1) for c, o in zip(in_channels, half))
 
-    def forward(self, xs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, xs: list[Tensor]) -> list[Tensor]:
         mixed = self.mixer(xs)
-        log_scales = [conv(x) for conv, x in zip(self.scale_convs, mixed)]
-        shifts = [conv(x) for conv, x in zip(self.shift_convs, mixed)]
-        return log_scales, shifts
-
-
-class FusionCoupling(Fm.InvertibleModule):
-    """Two-sided affine coupling over all scales jointly (CS-Flow style), unconditioned.
-
-    Each scale splits into x1 (first C//2 channels) and x2 (the rest):
-        y1 = x1 * exp(e(s2)) + t2,  (s2, t2) = subnet_2(x2 of every scale)
-        y2 = x2 * exp(e(s1)) + t1,  (s1, t1) = subnet_1(y1 of every scale)
-    with the soft clamp e. log-det = sum of e(s1) and e(s2) over channels, pixels and scales.
-    """
-
-    def __init__(self, channels: Sequence[int], clamp: float = 1.9):
-        super().__init__([(c,) for c in channels])
-        self.first = [c // 2 for c in channels]
-        self.second = [c - c // 2 for c in channels]
-        self.clamp = clamp
-        self.subnet_2 = FusionSubnet(self.second, self.first)  # sees x2, transforms x1
-        self.subnet_1 = FusionSubnet(self.first, self.second)  # sees y1, transforms x2
-
-    def forward(self, xs, c=None, rev=False, jac=True):
-        halves = [torch.split(x, [a, b], dim=1) for x, a, b in zip(xs, self.first, self.second)]
-        u1, u2 = [h[0] for h in halves], [h[1] for h in halves]
-        log_jac_det = 0.0
-        if not rev:
-            s2, t2 = self.subnet_2(u2)
-            e2 = [soft_clamp(s, self.clamp) for s in s2]
-            y1 = [x * torch.exp(e) + t for x, e, t in zip(u1, e2, t2)]
-            s1, t1 = self.subnet_1(y1)
-            e1 = [soft_clamp(s, self.clamp) for s in s1]
-            y2 = [x * torch.exp(e) + t for x, e, t in zip(u2, e1, t1)]
-            out = [torch.clamp(torch.cat(pair, dim=1), -1e6, 1e6) for pair in zip(y1, y2)]
-            for e in e1 + e2:
-                log_jac_det = log_jac_det + e.sum(dim=(1, 2, 3))
-        else:
-            s1, t1 = self.subnet_1(u1)
-            e1 = [soft_clamp(s, self.clamp) for s in s1]
-            x2 = [(y - t) * torch.exp(-e) for y, e, t in zip(u2, e1, t1)]
-            s2, t2 = self.subnet_2(x2)
-            e2 = [soft_clamp(s, self.clamp) for s in s2]
-            x1 = [(y - t) * torch.exp(-e) for y, e, t in zip(u1, e2, t2)]
-            out = [torch.cat(pair, dim=1) for pair in zip(x1, x2)]
-            for e in e1 + e2:
-                log_jac_det = log_jac_det - e.sum(dim=(1, 2, 3))
-        return out, log_jac_det
-
-    def output_dims(self, input_dims):
-        return input_dims
+        return [
+            torch.cat([scale(x), shift(x)], dim=1)
+            for scale, shift, x in zip(self.scale_convs, self.shift_convs, mixed)
+        ]
 
 
 class FusionFlow(nn.Module):
@@ -285,7 +236,9 @@ class FusionFlow(nn.Module):
     def __init__(self, channels: Sequence[int], clamp: float, generator: torch.Generator):
         super().__init__()
         self.permutations = nn.ModuleList(ChannelPermutation(c, generator) for c in channels)
-        self.coupling = FusionCoupling(channels, clamp)
+        # One two-sided affine coupling over all scales jointly (CS-Flow style), unconditioned,
+        # with the atan soft clamp; no 0.1 scaling of the subnet output here.
+        self.coupling = ParallelAffineCoupling(channels, FusionSubnet, clamp)
 
     def forward(self, xs: list[Tensor], rev: bool = False) -> tuple[list[Tensor], Tensor]:
         if not rev:

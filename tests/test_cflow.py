@@ -355,7 +355,8 @@ SMALL = dict(
 def trained(embedded_root, tmp_path_factory):
     spec = RunSpec(method="cflow", data_root=embedded_root, class_name="granite",
                    out_dir=tmp_path_factory.mktemp("cflow") / "run", overrides=SMALL)
-    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, seed=0, workers=0)
+    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, figures=False, seed=0,
+                           workers=0)
     trainer = Trainer(spec, settings)
     summary = trainer.fit()
     return trainer, summary

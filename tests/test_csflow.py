@@ -241,7 +241,7 @@ def short_run(embedded_root, tmp_path_factory):
     """3 epochs on weave with random EfficientNet-B0 features."""
     spec = RunSpec(method="csflow", data_root=embedded_root, class_name="weave",
                    out_dir=tmp_path_factory.mktemp("csflow") / "run", overrides=SMALL)
-    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, seed=0,
+    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, figures=False, seed=0,
                            epochs=3, eval_every=3)
     return spec, Trainer(spec, settings).fit()
 

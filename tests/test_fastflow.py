@@ -228,7 +228,7 @@ def short_run(embedded_root, tmp_path_factory):
     """4 epochs on granite with random resnet18 features (maps 16/8/4)."""
     spec = RunSpec(method="fastflow", data_root=embedded_root, class_name="granite",
                    out_dir=tmp_path_factory.mktemp("fastflow") / "run", overrides=SMALL)
-    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, seed=0,
+    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, figures=False, seed=0,
                            epochs=4, eval_every=4)
     return spec, Trainer(spec, settings).fit()
 

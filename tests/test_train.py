@@ -31,7 +31,8 @@ CLASS = "granite"
 
 
 def settings(**kw) -> RunSettings:
-    base = dict(device="cpu", pretrained=False, progress=False, tracking=False, seed=0, workers=0)
+    base = dict(device="cpu", pretrained=False, progress=False, tracking=False, seed=0, workers=0,
+                figures=False)
     return RunSettings(**{**base, **kw})
 
 
@@ -46,7 +47,7 @@ def tracked_run(embedded_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{(tmp / 'mlflow.db').as_posix()}"
     run_spec = spec(embedded_root, tmp / "run")
-    summary = run_training(run_spec, settings(tracking=True, tracking_uri=uri, epochs=4, eval_every=2))
+    summary = run_training(run_spec, settings(tracking=True, tracking_uri=uri, epochs=4, eval_every=2, figures=True))
     return run_spec, summary, uri
 
 

@@ -276,8 +276,8 @@ SMALL = {"backbone": "resnet18", "input_size": (64, 64), "blocks_per_stage": 2, 
 def short_run(embedded_root, tmp_path_factory):
     spec = RunSpec(method="uflow", data_root=embedded_root, class_name="weave",
                    out_dir=tmp_path_factory.mktemp("uflow") / "run", overrides=SMALL)
-    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, seed=0, epochs=4,
-                           eval_every=4)
+    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, figures=False, seed=0,
+                           epochs=4, eval_every=4)
     return Trainer(spec, settings).fit()
 
 
