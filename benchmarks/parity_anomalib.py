@@ -159,32 +159,42 @@ NOTES: dict[str, str] = {
 # --------------------------------------------------------------------------- shared counting
 
 
-def count_parameters(model) -> dict[str, Any]:
-    """Trainable parameters per top-level child, the [C, H, W] LayerNorms, the rest ("flow"),
-    and the frozen ones (backbone and fixed permutations)."""
+def count_parameters(model, backbone_children: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Trainable (requires_grad) parameters of the flow part: per top-level child, the [C, H, W]
+    feature LayerNorms ("layernorm", wherever they sit), the rest ("flow").
+
+    ``backbone_children`` name the children that hold the backbone (anomalib keeps it inside the
+    model). Their parameters are left out except for feature LayerNorms; any of them that still has
+    requires_grad=True is reported as "backbone_requires_grad" (it is not trained if the backbone
+    runs under no_grad)."""
     from torch import nn
 
     def trainable(module) -> int:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-    components = {name: trainable(child) for name, child in model.named_children()}
-    layernorm = sum(
-        trainable(m) for m in model.modules()
-        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 3
-    )
-    layernorm_shapes = [
-        list(m.normalized_shape) for m in model.modules()
-        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 3 and trainable(m)
-    ]
-    total = trainable(model)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    def feature_norms(module) -> list[nn.LayerNorm]:
+        return [m for m in module.modules()
+                if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 3 and trainable(m)]
+
+    components, backbone_trainable = {}, 0
+    for name, child in model.named_children():
+        if name in backbone_children:
+            norms = sum(trainable(m) for m in feature_norms(child))
+            backbone_trainable += trainable(child) - norms
+            components[name + " (LayerNorms only)"] = norms
+        else:
+            components[name] = trainable(child)
+    norms = feature_norms(model)
+    layernorm = sum(trainable(m) for m in norms)
+    total = sum(components.values())
     return {
         "total": total,
         "layernorm": layernorm,
         "flow": total - layernorm,
         "components": {k: v for k, v in components.items() if v},
-        "layernorm_shapes": layernorm_shapes,
-        "frozen": frozen,
+        "layernorm_shapes": [list(m.normalized_shape) for m in norms],
+        "backbone_requires_grad": backbone_trainable,
+        "not_trainable": sum(p.numel() for p in model.parameters() if not p.requires_grad),
     }
 
 
@@ -265,7 +275,7 @@ def anomalib_side(configs: list[dict[str, Any]]) -> dict[str, Any]:
     for config in configs:
         start = time.perf_counter()
         model = build_anomalib(config["anomalib"])
-        counts = count_parameters(model)
+        counts = count_parameters(model, backbone_children=("feature_extractor", "encoder"))
         counts["flow_inputs"] = anomalib_flow_inputs(model)
         counts["build_s"] = round(time.perf_counter() - start, 2)
         rows[config["key"]] = counts
@@ -318,15 +328,26 @@ def run_side(python: str, side: str, vit: bool) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _same_inputs(ours: list[list[int]], theirs: list[list[int]]) -> bool:
+    """Same channels per scale, and the same map sizes where both flows declare one (anomalib's
+    CFlow decoders are declared on feature vectors, ours report the maps they see)."""
+    return len(ours) == len(theirs) and all(
+        a[0] == b[0] and (len(a) == 1 or len(b) == 1 or a == b) for a, b in zip(ours, theirs)
+    )
+
+
 def reason(config: dict[str, Any], ours: dict[str, Any], theirs: dict[str, Any]) -> str:
     parts = []
-    if ours["flow_inputs"] != theirs["flow_inputs"]:
+    if not _same_inputs(ours["flow_inputs"], theirs["flow_inputs"]):
         parts.append(f"flow inputs differ: ours {ours['flow_inputs']}, anomalib {theirs['flow_inputs']}")
     if ours["layernorm"] != theirs["layernorm"]:
         parts.append(f"LayerNorm {ours['layernorm']:,} vs {theirs['layernorm']:,}")
     if ours["flow"] != theirs["flow"]:
         parts.append(f"flow {ours['flow']:,} vs {theirs['flow']:,}")
-    head = "same architecture" if not parts else "; ".join(parts)
+    head = "same architecture, same count" if not parts else "; ".join(parts)
+    if theirs["backbone_requires_grad"]:
+        head += (f"; anomalib leaves requires_grad=True on {theirs['backbone_requires_grad']:,} backbone "
+                 "parameters (excluded: its extractor runs under no_grad, so they are never updated)")
     note = NOTES.get(config["key"])
     return f"{head}. {note}" if note else head
 

@@ -18,10 +18,10 @@ from harness.config import RunSettings, RunSpec
 from harness.errors import HarnessError, TrainingError
 from harness.train import CHECKPOINT, EVAL_METRICS, MAPS, METRICS, Trainer, rescore_maps, run_training
 
-# MSFlow's architecture at toy size: resnet18 stages 1-3 at 128 px (maps 16/8/4 after pooling).
+# MSFlow's architecture at toy size: resnet18 stages 1-3 at 64 px (maps 8/4/2 after pooling).
 SMALL = {
     "backbone": "resnet18.tv_in1k",
-    "input_size": (128, 128),
+    "input_size": (64, 64),
     "parallel_blocks": (1, 1, 2),
     "batch_size": 8,
     "warmup_meta_epochs": 0,
@@ -69,7 +69,7 @@ def test_run_folder_holds_the_record_maps_and_figures(tracked_run):
     assert record["seed"] == 0 and record["config"]["class"] == CLASS
     with __import__("numpy").load(out / MAPS) as maps:
         assert maps["scale0"].dtype.name == "float16"
-        assert maps["scale0"].shape[1:] == (16, 16)
+        assert maps["scale0"].shape[1:] == (8, 8)
         assert maps["channels"].tolist() == [64, 128, 256]
     for name in ("roc_image.png", "pro_curve.png", "anomaly_maps.png"):
         assert (out / "artifacts" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -106,20 +106,20 @@ def test_a_finished_run_is_never_overwritten(tracked_run):
 
 @pytest.fixture(scope="module")
 def reference_run(embedded_root, tmp_path_factory):
-    """3 epochs, evaluated every epoch, uninterrupted."""
+    """2 epochs, evaluated after each, uninterrupted."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    return Trainer(spec(embedded_root, out), settings(epochs=3, eval_every=1)).fit()
+    return Trainer(spec(embedded_root, out), settings(epochs=2, eval_every=1)).fit()
 
 
 def test_same_seed_gives_the_same_metrics(embedded_root, tmp_path, reference_run):
-    again = Trainer(spec(embedded_root, tmp_path / "run"), settings(epochs=3, eval_every=1)).fit()
+    again = Trainer(spec(embedded_root, tmp_path / "run"), settings(epochs=2, eval_every=1)).fit()
     assert again["last"] == reference_run["last"]
     assert [r["loss"] for r in again["history"]] == [r["loss"] for r in reference_run["history"]]
 
 
 def test_feature_cache_does_not_change_the_result(embedded_root, tmp_path, reference_run):
     uncached = Trainer(spec(embedded_root, tmp_path / "run"),
-                       settings(epochs=3, eval_every=1, feature_cache=False)).fit()
+                       settings(epochs=2, eval_every=1, feature_cache=False)).fit()
     for name in EVAL_METRICS:
         assert uncached["last"][name] == pytest.approx(reference_run["last"][name], abs=1e-6), name
 
@@ -129,7 +129,7 @@ def test_killed_run_resumes_to_the_same_metrics(embedded_root, tmp_path, referen
     command = [
         sys.executable, "-m", "harness", "train", "--method", "msflow", "--data", str(embedded_root),
         "--class", CLASS, "--out", str(out), "--device", "cpu", "--random-weights", "--no-tracking",
-        "--quiet", "--seed", "0", "--epochs", "3", "--eval-every", "1",
+        "--quiet", "--seed", "0", "--epochs", "2", "--eval-every", "1",
         *[f"--set={k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in SMALL.items()],
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -141,11 +141,11 @@ def test_killed_run_resumes_to_the_same_metrics(embedded_root, tmp_path, referen
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = torch.load(out / CHECKPOINT, weights_only=False)["epoch"]
-    assert killed_at < 3 and not (out / METRICS).exists(), "the run finished before it was killed"
+    assert killed_at < 2 and not (out / METRICS).exists(), "the run finished before it was killed"
 
     with pytest.raises(HarnessError, match="--resume"):
-        Trainer(spec(embedded_root, out), settings(epochs=3, eval_every=1)).fit()
-    resumed = Trainer(spec(embedded_root, out), settings(epochs=3, eval_every=1)).fit(resume=True)
+        Trainer(spec(embedded_root, out), settings(epochs=2, eval_every=1)).fit()
+    resumed = Trainer(spec(embedded_root, out), settings(epochs=2, eval_every=1)).fit(resume=True)
     assert resumed["last"] == reference_run["last"]
     assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in reference_run["history"]]
 
@@ -166,7 +166,7 @@ def test_nan_loss_stops_with_epoch_and_batch_and_keeps_the_checkpoint(embedded_r
     monkeypatch.setattr(MSFlow, "loss", loss_that_breaks)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"epoch 2, batch 2"):
-        Trainer(spec(embedded_root, out), settings(epochs=3, eval_every=1)).fit()
+        Trainer(spec(embedded_root, out), settings(epochs=2, eval_every=1)).fit()
     state = torch.load(out / CHECKPOINT, weights_only=False)
     assert state["epoch"] == 1
     assert not (out / METRICS).exists()
