@@ -365,7 +365,9 @@ def main() -> None:
                         help="random normal images, or training images of the embedded dataset")
     parser.add_argument("--class-name", default="granite", help="embedded class (with --data embedded)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads on both sides (default 1: with several threads, a CPU shared "
+                             "with other work gives erratic times; 0: torch's default)")
     parser.add_argument("--repeats", type=int, default=2, help="timed epochs per side and round")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the two sides per method")
     parser.add_argument("--anomalib-python", default=os.environ.get("ANOMALIB_PYTHON", sys.executable),

@@ -35,6 +35,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -316,11 +317,241 @@ def ours_side(configs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"side": "ours", "torch": torch.__version__, "rows": rows}
 
 
+# --------------------------------------------------------------------------- same weights, same outputs?
+#
+# Counting parameters shows the same shapes; this check shows the same function. The anomalib side
+# builds a small model of each kind, perturbs every trainable tensor (so that zero-initialised
+# gates and unit LayerNorms do not hide anything), and saves its flow weights in a fixed order,
+# random backbone-shaped features and its outputs. Our side loads the weights in the same order
+# into our model, runs the same features and compares.
+
+OUTPUT_CONFIGS: list[dict[str, Any]] = [
+    {
+        "key": "fastflow_resnet18_128",
+        "method": "fastflow",
+        "ours": {"backbone": "resnet18", "input_size": [128, 128], "conv3x3_only": False},
+        "anomalib": {"model": "fastflow", "backbone": "resnet18", "input_size": [128, 128], "flow_steps": 8,
+                     "conv3x3_only": False},
+        "features": [[64, 32, 32], [128, 16, 16], [256, 8, 8]],
+    },
+    {
+        "key": "cflow_resnet18_layers2-4_128",
+        "method": "cflow",
+        "ours": {"backbone": "resnet18", "stages": [2, 3, 4], "permute_soft": False},
+        "anomalib": {"model": "cflow", "backbone": "resnet18", "layers": ["layer2", "layer3", "layer4"],
+                     "permute_soft": False},
+        "features": [[128, 16, 16], [256, 8, 8], [512, 4, 4]],
+    },
+    {
+        "key": "csflow_hidden64_256",
+        "method": "csflow",
+        "ours": {"input_size": [256, 256], "hidden_channels": 64},
+        "anomalib": {"model": "csflow", "input_size": [256, 256], "cross_conv_hidden_channels": 64,
+                     "n_coupling_blocks": 4, "clamp": 3},
+        "features": [[304, 8, 8], [304, 4, 4], [304, 2, 2]],
+    },
+    {
+        "key": "uflow_resnet18_128",
+        "method": "uflow",
+        "ours": {"backbone": "resnet18", "input_size": [128, 128]},
+        "anomalib": {"model": "uflow", "backbone": "resnet18", "input_size": [128, 128], "flow_steps": 4},
+        "features": [[64, 32, 32], [128, 16, 16], [256, 8, 8]],
+    },
+]
+
+
+def _block_tensors(block) -> list:
+    """An AllInOneBlock's tensors in a fixed order (FrEIA's block and anomalib's copy alike)."""
+    return [block.global_scale, block.global_offset, block.w_perm, block.w_perm_inv, *block.subnet.parameters()]
+
+
+def _anomalib_tensors(name: str, model) -> list:
+    from anomalib.models.components.flow import AllInOneBlock
+
+    if name == "fastflow":
+        norms = [p for norm in model.norms for p in norm.parameters()]
+        return norms + [t for flow in model.fast_flow_blocks for b in flow.module_list for t in _block_tensors(b)]
+    if name == "cflow":
+        return [t for decoder in model.decoders for b in decoder.module_list for t in _block_tensors(b)]
+    if name == "uflow":
+        norms = [p for norm in model.feature_extractor.feature_normalizations for p in norm.parameters()]
+        blocks = [m for m in model.flow.module_list if isinstance(m, AllInOneBlock)]  # coarse stage first
+        return norms + [t for b in blocks for t in _block_tensors(b)]
+    if name == "csflow":
+        from anomalib.models.image.csflow.torch_model import ParallelGlowCouplingLayer, ParallelPermute
+
+        modules = model.graph.graph.module_list
+        perms = [m for m in modules if isinstance(m, ParallelPermute)]
+        couplings = [m for m in modules if isinstance(m, ParallelGlowCouplingLayer)]
+
+        def cross(c) -> list:
+            convs = [c.conv_scale0_0, c.conv_scale1_0, c.conv_scale2_0, c.conv_scale0_1, c.conv_scale1_1,
+                     c.conv_scale2_1, c.up_conv10, c.up_conv21, c.down_conv01, c.down_conv12]
+            return [p for conv in convs for p in conv.parameters()] + [c.gamma0, c.gamma1, c.gamma2]
+
+        return [t for perm, coupling in zip(perms, couplings)
+                for t in [*perm.perm, *cross(coupling.cross_convolution2), *cross(coupling.cross_convolution1)]]
+    raise ValueError(name)
+
+
+def _our_tensors(method: str, model) -> list:
+    if method == "fastflow":
+        norms = [p for norm in model.norms for p in norm.parameters()]
+        return norms + [t for flow in model.flows for b in flow.module_list for t in _block_tensors(b)]
+    if method == "cflow":
+        return [t for decoder in model.decoders for b in decoder.module_list for t in _block_tensors(b)]
+    if method == "uflow":
+        norms = [p for norm in model.feature_norms for p in norm.parameters()]
+        blocks = [b for stage in reversed(model.stages) for b in stage.module_list]  # coarse stage first
+        return norms + [t for b in blocks for t in _block_tensors(b)]
+    if method == "csflow":
+        def cross(c) -> list:
+            convs = [*c.inner, *c.outer, *c.from_coarser, *c.from_finer]
+            return [p for conv in convs for p in conv.parameters()] + list(c.gammas)
+
+        return [t for block in model.blocks
+                for t in [*(p.perm for p in block.permutations), *cross(block.coupling.subnet_2),
+                          *cross(block.coupling.subnet_1)]]
+    raise ValueError(method)
+
+
+def anomalib_outputs(configs: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
+    import einops
+    import torch
+    import torch.nn.functional as F
+
+    _offline_anomalib()
+    saved = {}
+    for config in configs:
+        torch.manual_seed(0)
+        spec = config["anomalib"]
+        name = spec["model"]
+        model = build_anomalib(spec).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        features = [torch.randn(2, *shape) for shape in config["features"]]
+        out: dict[str, Any] = {}
+        with torch.no_grad():
+            if name == "fastflow":
+                from anomalib.models.image.fastflow.loss import FastflowLoss
+
+                hidden, jacobians = [], []
+                for norm, flow, x in zip(model.norms, model.fast_flow_blocks, features):
+                    z, jac = flow(norm(x))
+                    hidden.append(z)
+                    jacobians.append(jac)
+                out = {"latents": hidden, "log_jac_det": sum(jacobians), "loss": FastflowLoss()(hidden, jacobians)}
+            elif name == "cflow":
+                from anomalib.models.image.cflow.utils import get_logp, positional_encoding_2d
+
+                latents, jacs, logps, loss = [], [], [], 0.0
+                for decoder, x in zip(model.decoders, features):
+                    b, c, h, w = x.shape
+                    code = einops.repeat(positional_encoding_2d(model.condition_vector, h, w).unsqueeze(0),
+                                         "b c h w-> (tile b) c h w", tile=b)
+                    c_r = einops.rearrange(code, "b c h w -> (b h w) c")
+                    e_r = einops.rearrange(x, "b c h w -> (b h w) c")
+                    z, jac = decoder(e_r, [c_r])
+                    log_prob = get_logp(c, z, jac) / c
+                    latents.append(z)
+                    jacs.append(jac)
+                    logps.append(log_prob)
+                    loss = loss + (-F.logsigmoid(log_prob)).mean()  # its training loss, on every fiber
+                out = {"latents": latents, "log_jac_det_fibers": jacs, "log_p_per_dim": logps, "loss": loss}
+            elif name == "csflow":
+                from anomalib.models.image.csflow.loss import CsFlowLoss
+
+                z, jac = model.graph(features)
+                out = {"latents": list(z), "log_jac_det_batch_sum": jac, "loss": CsFlowLoss()(z, jac),
+                       "image_scores": model._compute_anomaly_scores(z)}
+            elif name == "uflow":
+                from anomalib.models.image.uflow.loss import UFlowLoss
+
+                z, ljd = model.encode(model.feature_extractor.normalize_features(features))
+                out = {"latents": list(z), "log_jac_det": ljd, "loss": UFlowLoss()(z, ljd)}
+        tensors = [t.detach().clone() for t in _anomalib_tensors(name, model)]
+        path = folder / f"{config['key']}.pt"
+        torch.save({"tensors": tensors, "features": features, "outputs": out}, path)
+        saved[config["key"]] = str(path)
+    return {"side": "anomalib-outputs", "files": saved}
+
+
+def _relative_difference(a, b) -> float:
+    import torch
+
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def ours_outputs(configs: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
+    import torch
+
+    import methods  # noqa: F401
+    from harness.scoring import latent_mean_scores
+    from methods.cflow import to_fibers
+    from methods.registry import build_model, create_method
+
+    rows = {}
+    for config in configs:
+        saved = torch.load(folder / f"{config['key']}.pt", weights_only=False)
+        method = config["method"]
+        method_config = create_method(method, **config["ours"])
+        model = build_model(method_config, [shape[0] for shape in config["features"]]).eval()
+        ours = _our_tensors(method, model)
+        if len(ours) != len(saved["tensors"]) or any(o.shape != t.shape for o, t in zip(ours, saved["tensors"])):
+            rows[config["key"]] = {"error": "the two models' tensors do not line up (structure differs)"}
+            continue
+        with torch.no_grad():
+            for mine, theirs in zip(ours, saved["tensors"]):
+                mine.copy_(theirs)
+            if method == "csflow":  # permutations are index buffers: keep the inverse consistent
+                for block in model.blocks:
+                    for permutation in block.permutations:
+                        permutation.perm_inv.copy_(torch.argsort(permutation.perm))
+            out = model(saved["features"])
+        theirs = saved["outputs"]
+        row: dict[str, Any] = {"latents": max(_relative_difference(z, t) for z, t in
+                                              zip(out.latents if method != "cflow" else
+                                                  [to_fibers(z) for z in out.latents], theirs["latents"]))}
+        with torch.no_grad():
+            if method == "fastflow":
+                row["log_jac_det"] = _relative_difference(out.log_jac_det, theirs["log_jac_det"])
+                row["loss"] = _relative_difference(model.loss(out), theirs["loss"])
+            elif method == "cflow":
+                row["log_jac_det"] = max(_relative_difference(j.flatten(), t) for j, t in
+                                         zip(out.log_jac_det_maps, theirs["log_jac_det_fibers"]))
+                row["log_p_per_dim"] = max(_relative_difference(m.flatten(), t) for m, t in
+                                           zip(model.log_likelihood_maps(out), theirs["log_p_per_dim"]))
+                row["loss"] = _relative_difference(model.loss(out), theirs["loss"])
+            elif method == "csflow":
+                row["log_jac_det (batch sum)"] = _relative_difference(out.log_jac_det.sum(),
+                                                                      theirs["log_jac_det_batch_sum"])
+                row["image_scores"] = _relative_difference(latent_mean_scores(model.log_likelihood_maps(out)),
+                                                           theirs["image_scores"])
+                ours_loss, their_loss = model.loss(out), theirs["loss"]
+                row["loss"] = _relative_difference(ours_loss, their_loss)
+                # anomalib subtracts the batch's summed log-det from every sample (specs 5.6)
+                z = torch.cat([latent.flatten(1) for latent in out.latents], dim=1)
+                batch_sum_loss = torch.mean(0.5 * z.pow(2).sum(dim=1) - out.log_jac_det.sum()) / z.shape[1]
+                row["loss with anomalib's batch-sum log-det"] = _relative_difference(batch_sum_loss, their_loss)
+            elif method == "uflow":
+                row["log_jac_det"] = _relative_difference(out.log_jac_det, theirs["log_jac_det"])
+                row["loss"] = _relative_difference(model.loss(out), theirs["loss"])
+                model.config.loss_batch_sum_bug = True
+                row["loss with loss_batch_sum_bug=true"] = _relative_difference(model.loss(out), theirs["loss"])
+                model.config.loss_batch_sum_bug = False
+        rows[config["key"]] = row
+    return {"side": "ours-outputs", "rows": rows}
+
+
 # --------------------------------------------------------------------------- combine
 
 
-def run_side(python: str, side: str, vit: bool) -> dict[str, Any]:
+def run_side(python: str, side: str, vit: bool, dump: Path | None = None) -> dict[str, Any]:
     command = [python, str(Path(__file__).resolve()), "--side", side] + (["--vit"] if vit else [])
+    command += ["--dump", str(dump)] if dump else []
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:
@@ -359,19 +590,25 @@ def default_ours_python() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--side", choices=["ours", "anomalib"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ours", "anomalib", "ours-outputs", "anomalib-outputs"],
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--dump", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--anomalib-python", default=os.environ.get("ANOMALIB_PYTHON", sys.executable),
                         help="interpreter with anomalib installed (default: $ANOMALIB_PYTHON or this one)")
     parser.add_argument("--ours-python", default=default_ours_python(),
                         help="interpreter with this project installed (default: $FLOWAD_PYTHON or .venv)")
     parser.add_argument("--vit", action="store_true", help="also FastFlow with DeiT-B/384 and CaiT-M48/448")
+    parser.add_argument("--no-outputs", action="store_true",
+                        help="skip the check that the same weights give the same outputs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for parity_anomalib.{json,csv}")
     args = parser.parse_args()
     configs = CONFIGS + (VIT_CONFIGS if args.vit else [])
 
     if args.side:
-        result = anomalib_side(configs) if args.side == "anomalib" else ours_side(configs)
-        print(json.dumps(result))
+        sides = {"anomalib": lambda: anomalib_side(configs), "ours": lambda: ours_side(configs),
+                 "anomalib-outputs": lambda: anomalib_outputs(OUTPUT_CONFIGS, args.dump),
+                 "ours-outputs": lambda: ours_outputs(OUTPUT_CONFIGS, args.dump)}
+        print(json.dumps(sides[args.side]()))
         return
 
     start = time.perf_counter()
@@ -399,6 +636,15 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
     }
+    if not args.no_outputs:
+        with tempfile.TemporaryDirectory() as folder:
+            run_side(args.anomalib_python, "anomalib-outputs", False, Path(folder))
+            result["same_weights_outputs"] = {
+                "what": "max |ours - anomalib| / max |anomalib| with anomalib's (perturbed) weights loaded into "
+                        "our model, on the same random features (batch 2)",
+                "rows": run_side(args.ours_python, "ours-outputs", False, Path(folder))["rows"],
+            }
+        result["seconds"] = round(time.perf_counter() - start, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "parity_anomalib.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(args.out / "parity_anomalib.csv", "w", newline="") as f:
@@ -414,6 +660,15 @@ def main() -> None:
     for row in rows:
         print(f"| {row['config']} | {row['ours']:,} | {row['anomalib']:,} | {row['difference']:+,} | "
               f"{row['ours_layernorm']:,} / {row['anomalib_layernorm']:,} | {row['reason']} |")
+    if "same_weights_outputs" in result:
+        print("\nSame weights, same features: relative difference of ours from anomalib "
+              "(float32; ~1e-6 = identical)\n")
+        print("| model | quantity | relative difference |")
+        print("|---|---|---:|")
+        for key, row in result["same_weights_outputs"]["rows"].items():
+            for quantity, value in row.items():
+                shown = value if isinstance(value, str) else f"{value:.1e}"
+                print(f"| {key} | {quantity} | {shown} |")
     print(f"\nwritten: {args.out / 'parity_anomalib.json'}, {args.out / 'parity_anomalib.csv'}")
 
 

@@ -229,7 +229,7 @@ def write_table(table: Table, out: Path, demo: bool) -> str:
     frame = table.frame.copy()
     if isinstance(frame.columns, pd.MultiIndex):
         frame.columns = [" ".join(str(c) for c in col if c) for col in frame.columns]
-    markdown = frame.to_markdown()
+    markdown = frame.to_markdown(disable_numparse=True)  # keep the figures exactly as formatted
     prefix = "Demo data, random weights. " if demo else ""
     return (f"### {table.title}\n\n{prefix}{table.caption}\n"
             f"Files: [{table.name}.csv]({table.name}.csv), [{table.name}.tex]({table.name}.tex)\n\n{markdown}\n")
