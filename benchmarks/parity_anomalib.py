@@ -1,29 +1,39 @@
-"""Trainable parameters of our baselines beside anomalib's implementations of the same models.
+"""Our baselines beside anomalib's implementations of the same models: parameters and outputs.
 
     /path/to/anomalib-venv/bin/python benchmarks/parity_anomalib.py          # every configuration
     python benchmarks/parity_anomalib.py --anomalib-python /path/to/anomalib-venv/bin/python --vit
 
 anomalib is not a dependency of this project: it lives in its own environment. The script runs
-each side in its own interpreter (a subprocess per side, printing JSON) and combines them:
+each side in its own interpreter (a subprocess per side, printing JSON) and combines them.
+
+1. Trainable parameters of the flow part, for the configurations both projects can build:
 
   anomalib side   builds anomalib's torch models (anomalib.models.image.<m>.torch_model) with
-                  random backbone weights and counts the parameters with requires_grad
-  our side        builds our models (methods.registry.build_model) for the same backbone
-                  channels and feature sizes and counts them the same way
+                  random backbone weights and counts the parameters with requires_grad, leaving
+                  out its backbone module (anomalib's CS-Flow leaves requires_grad=True on its
+                  EfficientNet, which runs under no_grad and is never trained; that count is
+                  reported separately)
+  our side        runs our feature extractors on the meta device (shapes only, no weights) to get
+                  the channels and map sizes, builds our model for them (methods.registry.build_model)
+                  and counts it the same way
 
-Only trainable parameters are counted: the frozen backbones are excluded on both sides, and so are
-the fixed permutation matrices of FrEIA's AllInOneBlock (parameters with requires_grad=False).
-The trainable LayerNorms over a whole [C, H, W] feature map (FastFlow and U-Flow with ResNets) are
-counted on both sides and also listed on their own ("layernorm"), because their size follows the
-input size.
+   The fixed permutation matrices of FrEIA's AllInOneBlock (parameters with requires_grad=False)
+   are not counted. The trainable LayerNorms over a whole [C, H, W] feature map (FastFlow and
+   U-Flow with ResNets) are counted on both sides and also listed on their own ("layernorm"),
+   because their size follows the input size.
+
+2. Same weights, same outputs (skip with --no-outputs): small models of each kind; anomalib's
+   weights (perturbed, so that zero-initialised gates hide nothing) are copied into ours in a
+   fixed order, both run the same random features, and latents, log-determinants, losses and
+   scores are compared.
 
 Offline: anomalib's CS-Flow and U-Flow constructors always ask for pretrained backbone weights
 (torchvision's EfficientNet-B5 IMAGENET1K_V1; timm's cait_m48_448 / cait_s24_224 / ResNets). The
 anomalib side replaces those calls with random-weight constructors of the same architectures
 (only the weights differ, the parameter counts do not). cait_m48_448 (356 M parameters) is built
-once, with random weights (about 12 s and 2 GB on a CPU).
+for real, with random weights (about 12 s and 2 GB on a CPU; twice with --vit).
 
-Results: a table on stdout and benchmarks/results/parity_anomalib.{json,csv}.
+Results: tables on stdout and benchmarks/results/parity_anomalib.{json,csv}.
 """
 
 from __future__ import annotations
@@ -151,7 +161,7 @@ NOTES: dict[str, str] = {
     "upsampling, ours C//2: equal for these channel counts",
     "uflow_resnet18_256": "anomalib puts the trainable LayerNorms inside its feature extractor, we put "
     "them in the model: counted on both sides",
-    "uflow_wide_resnet50_2_256": "as resnet18; the [C, H, W] LayerNorms are most of the trainable parameters",
+    "uflow_wide_resnet50_2_256": "as resnet18 (LayerNorms: 3.7 M of the 27.3 M)",
     "fastflow_deit_384": "the transformer's own final norm is frozen on both sides",
     "fastflow_cait_448": "the transformer's own final norm is frozen on both sides",
 }
@@ -312,8 +322,6 @@ def ours_side(configs: list[dict[str, Any]]) -> dict[str, Any]:
         counts["harness_profile"] = trainable_parameters(model)
         counts["build_s"] = round(time.perf_counter() - start, 2)
         rows[config["key"]] = counts
-    import FrEIA  # noqa: F401
-
     return {"side": "ours", "torch": torch.__version__, "rows": rows}
 
 

@@ -40,6 +40,13 @@ def _weights_help(name: str) -> str:
     )
 
 
+def weights_label(pretrained: bool, weights_path: Path | None) -> str:
+    """How a frozen model's weights are named in feature cache keys and run records."""
+    if not pretrained:
+        return "random"
+    return f"file:{weights_path.name}" if weights_path is not None else "pretrained"
+
+
 def _use_reflect_padding(backbone: nn.Module) -> None:
     """Pad every 3x3 conv and the 7x7 stem conv by reflection (the stem max-pool keeps its padding)."""
     for module in backbone.modules():
@@ -116,12 +123,7 @@ class FeatureExtractor(nn.Module):
     def cache_key(self) -> str:
         """Everything the features depend on, apart from the image."""
         pool = self.pool_type if self.pool_type == "none" else f"{self.pool_type}{self.pool_kernel}"
-        if not self.pretrained:
-            weights = "random"
-        elif self.weights_path is not None:
-            weights = f"file:{self.weights_path.name}"
-        else:
-            weights = "pretrained"
+        weights = weights_label(self.pretrained, self.weights_path)
         stages = ",".join(map(str, self.stages))
         return f"{self.backbone_name}|stages={stages}|pool={pool}|pad={self.padding_mode}|weights={weights}"
 

@@ -29,6 +29,8 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,6 +42,7 @@ from harness.errors import ConfigError
 from harness.features import FeatureExtractor
 from harness.flows import FlowOutput, all_in_one_flow, fc_subnet, positional_encoding_2d, seeded_construction
 from harness.scoring import NORMALISATIONS, ScoringSpec
+from methods.base import MethodConfig, MetaEpochs
 from methods.registry import register_method
 
 GLOBAL_AFFINE_TYPES = ("SOFTPLUS", "SIGMOID", "EXP")
@@ -59,8 +62,10 @@ MVTEC_INPUT_SIZES: dict[str, tuple[int, int]] = {
 
 
 @dataclass
-class CFlowConfig:
+class CFlowConfig(MethodConfig, MetaEpochs):
     """Every setting of CFlow-AD with the official default (specs/baselines.md, section 3.x)."""
+
+    label: ClassVar[str] = "CFlow"
 
     # Encoder [3.1]: layer2-4 of WRN-50 (torchvision V1 weights, reflection padding), no pooling,
     # no normalisation of the features.
@@ -121,20 +126,6 @@ class CFlowConfig:
         self._check(0.0 <= self.eta_min_factor <= 1.0, "eta_min_factor", "a fraction in [0, 1]")
         self._check(self.rotation_degrees >= 0, "rotation_degrees", "0 (off) or a positive angle")
         self._check(self.normalisation in NORMALISATIONS, "normalisation", f"one of {NORMALISATIONS}")
-
-    def _check(self, ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            raise ConfigError(f"CFlow setting {name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-    @property
-    def epochs(self) -> int:
-        """Training epochs (passes over the train set)."""
-        return self.meta_epochs * self.sub_epochs
-
-    @property
-    def eval_every(self) -> int:
-        """Evaluate after this many training epochs (once per meta-epoch)."""
-        return self.sub_epochs
 
     @property
     def augment(self) -> bool:

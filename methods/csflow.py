@@ -26,14 +26,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import timm
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.errors import ConfigError
-from harness.features import create_frozen_model
+from harness.features import create_frozen_model, weights_label
 from harness.flows import ChannelPermutation, FlowOutput, ParallelAffineCoupling, seeded_construction
 from harness.scoring import AGGREGATIONS, ScoringSpec
+from methods.base import MethodConfig, MetaEpochs
 from methods.registry import register_method
 
 DOWNSCALE_MODES = ("nearest", "bilinear", "area")
@@ -41,8 +44,10 @@ DOWNSCALE_MODES = ("nearest", "bilinear", "area")
 
 
 @dataclass
-class CSFlowConfig:
+class CSFlowConfig(MethodConfig, MetaEpochs):
     """Every setting of CS-Flow with the official default (specs/baselines.md section in brackets)."""
+
+    label: ClassVar[str] = "CS-Flow"
 
     # Features [5.1]. The official code reads block 35 of efficientnet_pytorch's EfficientNet-B5
     # (TF-ported AutoAugment weights, TF "same" padding): the last block of the 304-channel stage
@@ -96,22 +101,6 @@ class CSFlowConfig:
         self._check(self.hidden_channels >= 1, "hidden_channels", "at least 1")
         self._check(self.downscale_mode in DOWNSCALE_MODES, "downscale_mode", f"one of {DOWNSCALE_MODES}")
         self._check(self.pixel_aggregation in AGGREGATIONS, "pixel_aggregation", f"one of {AGGREGATIONS}")
-
-    def _check(self, ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            raise ConfigError(f"CS-Flow setting {name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-    @property
-    def epochs(self) -> int:
-        return self.meta_epochs * self.sub_epochs
-
-    @property
-    def eval_every(self) -> int:
-        return self.sub_epochs
-
-    @property
-    def augment(self) -> bool:
-        return False
 
     def input_size_for(self, class_name: str) -> tuple[int, int]:
         return self.input_size
@@ -223,12 +212,7 @@ class MultiScaleEfficientNet(nn.Module):
         return features
 
     def cache_key(self) -> str:
-        if not self.pretrained:
-            weights = "random"
-        elif self.weights_path is not None:
-            weights = f"file:{self.weights_path.name}"
-        else:
-            weights = "pretrained"
+        weights = weights_label(self.pretrained, self.weights_path)
         return (
             f"{self.backbone_name}|blocks=0-{self.block_stage}|scales={self.n_scales}"
             f"|down={self.downscale_mode}|weights={weights}"

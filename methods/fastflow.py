@@ -23,13 +23,16 @@ from functools import lru_cache
 from pathlib import Path
 
 import timm
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from harness.errors import ConfigError
-from harness.features import FeatureExtractor, create_frozen_model
+from harness.features import FeatureExtractor, create_frozen_model, weights_label
 from harness.flows import FlowOutput, all_in_one_flow, alternating_conv_subnets, seeded_construction
 from harness.scoring import ScoringSpec
+from methods.base import MethodConfig
 from methods.registry import register_method
 
 
@@ -74,13 +77,15 @@ def _preset(architecture: str) -> BackbonePreset:
 
 
 @dataclass
-class FastFlowConfig:
+class FastFlowConfig(MethodConfig):
     """Every setting of FastFlow with the reference default (specs/baselines.md section 4).
 
     ``backbone`` selects a preset (PRESETS); the preset-dependent settings below default to None
     = "the preset's value" and can each be overridden. ``resolved()`` gives the values in use.
     A timm backbone outside PRESETS needs input_size (and last_block for a transformer).
     """
+
+    label: ClassVar[str] = "FastFlow"
 
     # Features [4.1]. Default: Wide-ResNet-50-2, because the FastFlow rows that MSFlow and U-Flow
     # compare against use WRN-50-class features (anomalib's own default is resnet18).
@@ -154,10 +159,6 @@ class FastFlowConfig:
             patch = _patch_size(self.architecture)
             return [(height // patch, width // patch)]
         return [(-(-height // s), -(-width // s)) for s in _stage_strides(self.architecture, settings.stages)]
-
-    @property
-    def augment(self) -> bool:
-        return False
 
     def input_size_for(self, class_name: str) -> tuple[int, int]:
         return self.resolved().input_size
@@ -281,12 +282,7 @@ class VisionTransformerFeatures(nn.Module):
         return [x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)]
 
     def cache_key(self) -> str:
-        if not self.pretrained:
-            weights = "random"
-        elif self.weights_path is not None:
-            weights = f"file:{self.weights_path.name}"
-        else:
-            weights = "pretrained"
+        weights = weights_label(self.pretrained, self.weights_path)
         size = "x".join(map(str, self.input_size))
         return f"{self.backbone_name}|blocks=0-{self.last_block}+norm|size={size}|weights={weights}"
 

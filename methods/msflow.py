@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,15 +39,18 @@ from harness.flows import (
     positional_encoding_2d,
     seeded_construction,
 )
+from methods.base import MethodConfig, MetaEpochs
 from methods.registry import register_method
 
 POOLS = ("avg", "max", "none")
 
 
 @dataclass
-class MSFlowConfig:
+class MSFlowConfig(MethodConfig, MetaEpochs):
     """Every setting of MSFlow with the official default (specs/msflow.md section in brackets).
     Every ablation of the paper is one of these fields."""
+
+    label: ClassVar[str] = "MSFlow"
 
     # Features [1]. Ablations: backbone "resnet18.tv_in1k"; stages (2, 3) or (1, 2, 3, 4);
     # pool "max" / "none"; pool_kernel.
@@ -104,25 +109,6 @@ class MSFlowConfig:
         self._check(0.0 < self.top_k <= 1.0, "top_k", "a fraction in (0, 1]")
         self._check(self.cond_channels > 0 and self.cond_channels % 4 == 0, "cond_channels", "a multiple of 4")
         self._check(len(self.input_size) == 2, "input_size", "(height, width)")
-
-    def _check(self, ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            raise ConfigError(f"MSFlow setting {name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-    @property
-    def epochs(self) -> int:
-        """Training epochs (passes over the train set)."""
-        return self.meta_epochs * self.sub_epochs
-
-    @property
-    def eval_every(self) -> int:
-        """Evaluate after this many training epochs (once per meta-epoch)."""
-        return self.sub_epochs
-
-    @property
-    def augment(self) -> bool:
-        """MSFlow trains without augmentation, so frozen features can be cached per class."""
-        return False
 
     def scoring(self) -> ScoringSpec:
         """Image score and PRO on the multiplicative map, pixel AUROC on the additive one [5, 6]."""

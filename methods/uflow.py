@@ -32,6 +32,8 @@ from pathlib import Path
 import FrEIA.modules as Fm
 import numpy as np
 import timm
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
@@ -39,10 +41,11 @@ from torch import Tensor, nn
 
 from harness import metrics as M
 from harness.errors import ConfigError, HarnessError
-from harness.features import FeatureExtractor, _weights_help
+from harness.features import FeatureExtractor, create_frozen_model
 from harness.flows import FlowOutput, all_in_one_flow, alternating_conv_subnets, seeded_construction
 from harness.nfa import nfa_log_maps
 from harness.scoring import ScoringSpec
+from methods.base import MethodConfig
 from methods.registry import register_method
 
 MCAIT = "mcait"
@@ -71,8 +74,10 @@ DEFAULT_LR, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS = 1e-4, 8, 200
 
 
 @dataclass
-class UFlowConfig:
+class UFlowConfig(MethodConfig):
     """Every setting of U-Flow with the official default (specs/baselines.md section in brackets)."""
+
+    label: ClassVar[str] = "U-Flow"
 
     # Features [6.1]: MS-CaiT. The backbone names carry timm weight tags; the block counts say how
     # many transformer blocks run before the final norm (41 of 48, 21 of 24).
@@ -169,15 +174,6 @@ class UFlowConfig:
             if getattr(self, name) is None:
                 setattr(self, name, kind(value))
 
-    def _check(self, ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            raise ConfigError(f"U-Flow setting {name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-    @property
-    def augment(self) -> bool:
-        """U-Flow trains without augmentation, so frozen features can be cached per class."""
-        return False
-
     def input_size_for(self, class_name: str) -> tuple[int, int]:
         return self.input_size
 
@@ -260,35 +256,19 @@ def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def create_cait(
     name: str, blocks: int, pretrained: bool, weights_path: str | Path | None = None
 ) -> nn.Module:
-    """A timm CaiT, with pretrained weights or random ones. Random weights are built with only the
-    blocks that run (creation is faster); pretrained ones are loaded whole and cut by CaiTTrunk."""
-    architecture, _, tag = name.partition(".")
+    """A frozen timm CaiT, with pretrained weights or random ones. Random weights are built with
+    only the blocks that run (creation is faster); pretrained ones are loaded whole and cut by
+    CaiTTrunk. Local weight files are given by fine_weights_path and coarse_weights_path."""
+    architecture = name.partition(".")[0]
     if not timm.is_model(architecture) or not architecture.startswith("cait"):
         raise ConfigError(f"unknown CaiT backbone {name!r}; use a timm CaiT such as 'cait_m48_448.fb_dist_in1k'")
-    if pretrained and not tag:
-        raise ConfigError(
-            f"backbone {name!r} has no weight tag; name the weights explicitly, e.g. '{architecture}.fb_dist_in1k'"
-        )
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, depth=blocks)
-    kwargs = {}
-    if weights_path is not None:
-        weights_path = Path(weights_path).expanduser()
-        if not weights_path.is_file():
-            raise HarnessError(
-                f"backbone weights file {weights_path} (fine_weights_path / coarse_weights_path) does not exist. "
-                f"{_weights_help(name)}"
-            )
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_path))
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as error:  # network, cache, file format or key mismatch
-        source = f"from {weights_path}" if weights_path is not None else "from the Hugging Face Hub or its cache"
-        raise HarnessError(
-            f"could not load pretrained weights for backbone '{name}' {source} "
-            f"({type(error).__name__}: {str(error)[:300]}). {_weights_help(name)} "
-            "For U-Flow the local files are given by fine_weights_path and coarse_weights_path."
-        ) from error
+        return create_frozen_model(name, pretrained, weights_path, **({} if pretrained else {"depth": blocks}))
+    except ConfigError:
+        raise
+    except HarnessError as error:  # weights that cannot be loaded: say which U-Flow settings name files
+        raise HarnessError(f"{error} For U-Flow, local weight files are given by fine_weights_path and "
+                           "coarse_weights_path.") from error
 
 
 class CaiTTrunk(nn.Module):
