@@ -544,12 +544,17 @@ def ours_outputs(configs: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
                 z = torch.cat([latent.flatten(1) for latent in out.latents], dim=1)
                 batch_sum_loss = torch.mean(0.5 * z.pow(2).sum(dim=1) - out.log_jac_det.sum()) / z.shape[1]
                 row["loss with anomalib's batch-sum log-det"] = _relative_difference(batch_sum_loss, their_loss)
+                row["note"] = ("loss: anomalib subtracts the log-det summed over the batch from every sample "
+                               "(specs/baselines.md 5.6); ours follows the official per-sample loss")
             elif method == "uflow":
                 row["log_jac_det"] = _relative_difference(out.log_jac_det, theirs["log_jac_det"])
                 row["loss"] = _relative_difference(model.loss(out), theirs["loss"])
                 model.config.loss_batch_sum_bug = True
                 row["loss with loss_batch_sum_bug=true"] = _relative_difference(model.loss(out), theirs["loss"])
                 model.config.loss_batch_sum_bug = False
+                row["note"] = ("loss: anomalib (and the official code before 2024-01-22) sums the z^2 term over "
+                               "the batch; ours follows the current official loss, loss_batch_sum_bug=true "
+                               "reproduces anomalib's")
         rows[config["key"]] = row
     return {"side": "ours-outputs", "rows": rows}
 
@@ -673,10 +678,14 @@ def main() -> None:
               "(float32; ~1e-6 = identical)\n")
         print("| model | quantity | relative difference |")
         print("|---|---|---:|")
+        notes = []
         for key, row in result["same_weights_outputs"]["rows"].items():
             for quantity, value in row.items():
-                shown = value if isinstance(value, str) else f"{value:.1e}"
-                print(f"| {key} | {quantity} | {shown} |")
+                if quantity in ("note", "error"):
+                    notes.append(f"- {key}: {value}")
+                else:
+                    print(f"| {key} | {quantity} | {value:.1e} |")
+        print("\n".join([""] + notes))
     print(f"\nwritten: {args.out / 'parity_anomalib.json'}, {args.out / 'parity_anomalib.csv'}")
 
 
