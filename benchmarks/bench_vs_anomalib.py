@@ -2,11 +2,12 @@
 
     /path/to/anomalib-venv/bin/python benchmarks/bench_vs_anomalib.py             # CPU, small workload
     python benchmarks/bench_vs_anomalib.py --anomalib-python /path/to/anomalib-venv/bin/python \\
-        --device cuda --images 64 --batch-size 16 --backbone wide_resnet50_2 --rounds 1
+        --device cuda --images 64 --batch-size 16 --backbone wide_resnet50_2
 
 Same images, input size, batch size, backbone architecture (random weights: speed only) and
 hardware on both sides. anomalib is not a dependency of this project: each side runs in its own
-interpreter (a subprocess per side and round, printing JSON) and the orchestrator combines them.
+interpreter (a subprocess per side), builds its model once, then times what the orchestrator asks
+for, one action at a time, and answers with JSON.
 
 One training step = forward + loss + backward + optimiser step of the flow part, backbone frozen.
 
@@ -21,9 +22,10 @@ One training step = forward + loss + backward + optimiser step of the flow part,
   test               eval mode, no_grad: backbone + flows + anomaly maps at input size and image
                      scores (ours: harness.scoring on the batch; anomalib: its forward in eval mode)
 
-Each side warms up with one batch, then times ``--repeats`` epochs of ``--images`` images; the
-orchestrator runs the sides in ABBA order for ``--rounds`` rounds (CPU machines shared with other
-work give noisy times) and keeps each side's fastest epoch.
+Each side warms up with one batch. Then every way is timed ``--repeats`` times over one epoch of
+``--images`` images, the two sides taking turns (one computes while the other waits; the side that
+goes first alternates), so that a change of load on a shared machine hits both alike; the fastest
+epoch of each way is kept.
 
 Settings made equal on purpose (documented per method in SETTINGS_NOTES): CFlow fiber batch,
 permute_soft=False, zero padding and no rotation augmentation on our side; FastFlow
@@ -141,7 +143,8 @@ def set_threads(threads: int) -> None:
 # --------------------------------------------------------------------------- our side
 
 
-def ours_side(spec: dict[str, Any]) -> dict[str, Any]:
+def ours_side(spec: dict[str, Any]):
+    """(device, timed actions, info) of our side: the loop's ways of training, and testing."""
     import torch
 
     import methods  # noqa: F401  (registers the methods)
@@ -184,27 +187,37 @@ def ours_side(spec: dict[str, Any]) -> dict[str, Any]:
                 maps = model.log_likelihood_maps(model(extractor(b)))
                 score(maps, size, config.scoring())
 
-    model.train()
-    train_batch(extract_all()[0])  # warm-up
-    model.eval()
-    test_pass()
-    extraction, cached, recomputed, test = [], [], [], []
-    for _ in range(spec["repeats"]):
-        cache: list[list[torch.Tensor]] = []
-        extraction.append(timed(device, lambda: cache.extend(extract_all())))
+    cache: list[list[torch.Tensor]] = []
+
+    def extraction() -> None:
+        cache[:] = extract_all()
+
+    def train_cached() -> None:
         model.train()
-        cached.append(timed(device, lambda: [train_batch(f) for f in cache]))
-        recomputed.append(timed(device, lambda: [train_batch(extractor(b)) for b in batches]))
+        for features in cache:
+            train_batch(features)
+
+    def train_recomputed() -> None:
+        model.train()
+        for b in batches:
+            train_batch(extractor(b))
+
+    def test() -> None:
         model.eval()
-        test.append(timed(device, test_pass))
-    return {
+        test_pass()
+
+    info = {
         "side": "ours", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "input_size": list(size), "images": len(images),
-        "seconds": {"extraction": extraction, "train_cached": cached, "train_recomputed": recomputed,
-                    "test": test},
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+    actions = {"extraction": extraction, "train_cached": train_cached, "train_recomputed": train_recomputed,
+               "test": test}
+    extraction()  # warm-up: kernels, allocator
+    train_batch(cache[0])
+    test()
+    return device, actions, info
 
 
 # --------------------------------------------------------------------------- anomalib side
@@ -266,7 +279,8 @@ def anomalib_training(spec: dict[str, Any], device):
     return model, train_batch
 
 
-def anomalib_side(spec: dict[str, Any]) -> dict[str, Any]:
+def anomalib_side(spec: dict[str, Any]):
+    """(device, timed actions, info) of anomalib's side."""
     import anomalib
     import torch
 
@@ -282,12 +296,12 @@ def anomalib_side(spec: dict[str, Any]) -> dict[str, Any]:
     images = load_images(dict(spec, size=list(size)), device)
     batches = images.split(spec["batch_size"])
 
-    def train_epoch() -> None:
+    def train() -> None:
         model.train()
         for b in batches:
             train_batch(b)
 
-    def test_pass() -> None:
+    def test() -> None:
         model.eval()
         with torch.no_grad():
             for b in batches:
@@ -295,18 +309,14 @@ def anomalib_side(spec: dict[str, Any]) -> dict[str, Any]:
 
     model.train()
     train_batch(batches[0])  # warm-up
-    test_pass()
-    train, test = [], []
-    for _ in range(spec["repeats"]):
-        train.append(timed(device, train_epoch))
-        test.append(timed(device, test_pass))
-    return {
+    test()
+    info = {
         "side": "anomalib", "version": anomalib.__version__, "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "input_size": list(size), "images": len(images),
-        "seconds": {"train": train, "test": test},
     }
+    return device, {"train": train, "test": test}, info
 
 
 # --------------------------------------------------------------------------- embedded images
@@ -330,13 +340,74 @@ def write_embedded_images(spec: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- orchestration
 
 
-def run_side(python: str, side: str, spec: dict[str, Any]) -> dict[str, Any]:
+PROTOCOL = "@@"  # prefix of the lines a side answers with (libraries may print other lines)
+
+
+def serve(device, actions: dict[str, Any], info: dict[str, Any]) -> None:
+    """Answer the orchestrator: one action name per stdin line -> its time in seconds."""
+    print(PROTOCOL + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        name = line.strip()
+        if name == "quit":
+            return
+        print(PROTOCOL + json.dumps({"seconds": timed(device, actions[name])}), flush=True)
+
+
+class Side:
+    """A side running in its own interpreter, waiting for the next action to time."""
+
+    def __init__(self, python: str, side: str, spec: dict[str, Any], log_folder: Path):
+        self.name = side
+        command = [python, str(Path(__file__).resolve()), "--side", side, "--spec", json.dumps(spec)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]))
+        self.log = open(log_folder / f"{spec['method']}_{side}.log", "w+")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True, env=env, cwd=REPO)
+        self.info = self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        for line in self.process.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+        self.log.seek(0)
+        sys.exit(f"{self.name} side stopped:\n{self.log.read()[-4000:]}")
+
+    def time(self, action: str) -> float:
+        self.process.stdin.write(action + "\n")
+        self.process.stdin.flush()
+        return self._answer()["seconds"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            self.process.wait()
+        self.log.close()
+
+
+def run_once(python: str, side: str, spec: dict[str, Any]) -> None:
     command = [python, str(Path(__file__).resolve()), "--side", side, "--spec", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:
-        sys.exit(f"{side} side failed for {spec.get('method')}:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+        sys.exit(f"{side} failed:\n{done.stderr[-4000:]}")
+
+
+def interleaved_times(ours: Side, theirs: Side, repeats: int) -> tuple[dict[str, list], dict[str, list]]:
+    """Time every action ``repeats`` times, the two sides taking turns (one computes while the
+    other waits), alternating which side goes first, so that load changes hit both alike."""
+    ours_times: dict[str, list] = {k: [] for k in ("extraction", "train_cached", "train_recomputed", "test")}
+    their_times: dict[str, list] = {"train": [], "test": []}
+    for repeat in range(repeats):
+        ours_times["extraction"].append(ours.time("extraction"))
+        pairs = [(("train_cached", "train_recomputed"), "train"), (("test",), "test")]
+        for our_actions, their_action in pairs:
+            turns = [(ours, a) for a in our_actions] + [(theirs, their_action)]
+            if repeat % 2:
+                turns.reverse()
+            for side, action in turns:
+                (ours_times if side is ours else their_times)[action].append(side.time(action))
+    return ours_times, their_times
 
 
 def best(values: list[float]) -> float:
@@ -368,8 +439,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads on both sides (default 1: with several threads, a CPU shared "
                              "with other work gives erratic times; 0: torch's default)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed epochs per side and round")
-    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of the two sides per method")
+    parser.add_argument("--repeats", type=int, default=5, help="timed epochs per way (interleaved); best kept")
     parser.add_argument("--anomalib-python", default=os.environ.get("ANOMALIB_PYTHON", sys.executable),
                         help="interpreter with anomalib installed (default: $ANOMALIB_PYTHON or this one)")
     parser.add_argument("--ours-python", default=default_ours_python(),
@@ -382,8 +452,7 @@ def main() -> None:
         if args.side == "data":
             write_embedded_images(spec)
             return
-        result = ours_side(spec) if args.side == "ours" else anomalib_side(spec)
-        print(json.dumps(result))
+        serve(*(ours_side(spec) if args.side == "ours" else anomalib_side(spec)))
         return
 
     started = time.perf_counter()
@@ -394,21 +463,22 @@ def main() -> None:
             size = anomalib_spec.get("input_size") or ours_overrides["input_size"]
             spec = {"method": method, "ours": ours_overrides, "anomalib": anomalib_spec, "images": args.images,
                     "batch_size": args.batch_size, "device": args.device, "threads": args.threads,
-                    "repeats": args.repeats, "images_file": None}
+                    "images_file": None}
             if args.data == "embedded":
                 spec["images_file"] = str(Path(folder) / f"images_{size[0]}x{size[1]}.pt")
                 if not Path(spec["images_file"]).exists():
-                    run_side(args.ours_python, "data", dict(spec, size=size, class_name=args.class_name))
-            ours_runs, anomalib_runs = [], []
-            for round_index in range(args.rounds):
-                order = ("ours", "anomalib") if round_index % 2 == 0 else ("anomalib", "ours")
-                for side in order:
-                    python = args.ours_python if side == "ours" else args.anomalib_python
-                    print(f"{method}: round {round_index + 1}/{args.rounds}, {side} side ...", file=sys.stderr)
-                    (ours_runs if side == "ours" else anomalib_runs).append(run_side(python, side, spec))
-            seconds_ours = {k: best([t for r in ours_runs for t in r["seconds"][k]]) for k in ours_runs[0]["seconds"]}
-            seconds_anomalib = {k: best([t for r in anomalib_runs for t in r["seconds"][k]])
-                                for k in anomalib_runs[0]["seconds"]}
+                    run_once(args.ours_python, "data", dict(spec, size=size, class_name=args.class_name))
+            print(f"{method}: building both sides ...", file=sys.stderr)
+            ours = Side(args.ours_python, "ours", spec, Path(folder))
+            theirs = Side(args.anomalib_python, "anomalib", spec, Path(folder))
+            try:
+                print(f"{method}: timing {args.repeats} interleaved repeats ...", file=sys.stderr)
+                times_ours, times_anomalib = interleaved_times(ours, theirs, args.repeats)
+            finally:
+                ours.close()
+                theirs.close()
+            seconds_ours = {k: best(v) for k, v in times_ours.items()}
+            seconds_anomalib = {k: best(v) for k, v in times_anomalib.items()}
             n = args.images
             row = {
                 "method": method, "backbone": (anomalib_spec.get("backbone") or "efficientnet_b5"),
@@ -425,16 +495,17 @@ def main() -> None:
             row["train_ratio_recomputed"] = row["train_ips_ours_recomputed"] / row["train_ips_anomalib"]
             row["test_ratio"] = row["test_ips_ours"] / row["test_ips_anomalib"]
             rows.append(row)
-            raw[method] = {"spec": spec, "ours": ours_runs, "anomalib": anomalib_runs}
+            raw[method] = {"spec": spec, "ours": dict(ours.info, seconds=times_ours),
+                           "anomalib": dict(theirs.info, seconds=times_anomalib)}
 
-    device = next(iter(raw.values()))["ours"][0]["device"]
+    device = next(iter(raw.values()))["ours"]["device"]
     result = {
         "what": "images/s, best epoch of each side; ratio = ours / anomalib (> 1: ours faster)",
         "command": "python benchmarks/bench_vs_anomalib.py " + " ".join(sys.argv[1:]),
         "device": device, "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus",
-        "threads": next(iter(raw.values()))["ours"][0]["threads"],
+        "threads": next(iter(raw.values()))["ours"]["threads"],
         "data": args.data, "weights": "random", "seconds": round(time.perf_counter() - started, 1),
-        "anomalib_version": next(iter(raw.values()))["anomalib"][0]["version"],
+        "anomalib_version": next(iter(raw.values()))["anomalib"]["version"],
         "rows": rows, "raw": raw,
     }
     args.out.mkdir(parents=True, exist_ok=True)
