@@ -501,7 +501,7 @@ def main() -> None:
     device = next(iter(raw.values()))["ours"]["device"]
     result = {
         "what": "images/s, best epoch of each side; ratio = ours / anomalib (> 1: ours faster)",
-        "command": "python benchmarks/bench_vs_anomalib.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/bench_vs_anomalib.py", *sys.argv[1:]]),
         "device": device, "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus",
         "threads": next(iter(raw.values()))["ours"]["threads"],
         "data": args.data, "weights": "random", "seconds": round(time.perf_counter() - started, 1),
