@@ -8,9 +8,10 @@ Verbs
   evaluate          score a trained run's checkpoint again, or re-score its stored maps
   info METHOD       trainable parameters per component and forward GFLOPs, as JSON
   demo              the main job on the embedded dataset, offline
+  repro             `dvc repro` of the whole pipeline, several training runs at a time
   prepare NAME      install one dataset of the pipeline (fetch it, or generate the embedded one)
   run PART          train one run of the experiment grid in params.yaml (a dvc.yaml stage)
-  rescore VARIANT   a scoring ablation: re-score the reference runs' stored maps
+  rescore           the scoring ablations: re-score the reference runs' stored maps
   tables            every table (CSV, LaTeX, Markdown) from the runs and the published figures
 """
 
@@ -100,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="the main job on the embedded dataset, offline")
     p.add_argument("--out", type=Path, default=DEMO_ROOT)
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training runs at a time (default: one per CPU core, at most 4)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = verbs.add_parser("repro", help="`dvc repro` of the whole pipeline, several training runs at a time")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1: plain `dvc repro`)")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids shared out among the jobs, e.g. 0,1")
+    p.add_argument("--project", type=Path, default=Path("."), help="the DVC project folder (default: here)")
     p.add_argument("--quiet", action="store_true")
 
     # The pipeline's verbs (dvc.yaml stages); settings come from params.yaml.
@@ -118,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
 
-    p = verbs.add_parser("rescore", help="a scoring ablation from the reference runs' stored maps")
-    p.add_argument("variant", help="a variant of params.yaml `ablations.rescore`")
+    p = verbs.add_parser("rescore", help="the scoring ablations from the reference runs' stored maps")
+    p.add_argument("variants", nargs="*", help="variants of params.yaml `ablations.rescore` (default: all)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
 
     p = verbs.add_parser("tables", help="write every table from the runs and the published figures")
@@ -184,7 +193,14 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from harness.demo import run_demo
 
-    run_demo(args.out, progress=not args.quiet)
+    run_demo(args.out, progress=not args.quiet, jobs=args.jobs)
+
+
+def cmd_repro(args: argparse.Namespace) -> None:
+    from harness.repro import reproduce
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    reproduce(args.project, jobs=args.jobs, gpus=gpus, progress=not args.quiet)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -213,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_rescore(args: argparse.Namespace) -> None:
     from harness import grid
 
-    for out in grid.rescore_variant(grid.load(args.params), args.variant):
+    for out in grid.rescore(grid.load(args.params), args.variants):
         print(f"written {out}")
 
 
@@ -225,7 +241,7 @@ def cmd_tables(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"fetch": cmd_fetch, "generate": cmd_generate, "validate": cmd_validate, "train": cmd_train,
-            "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "prepare": cmd_prepare,
+            "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "repro": cmd_repro, "prepare": cmd_prepare,
             "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables}
 
 

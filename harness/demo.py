@@ -4,8 +4,9 @@ The demo is a DVC project of its own in ``demo/``: ``dvc.yaml`` there is a link 
 dvc.yaml (the same stages and the same code), and ``demo/params.yaml`` is the project's
 params.yaml with small settings: the generated embedded dataset instead of MVTec AD / MTD / mSTC,
 ResNet-18 with random weights at 64 px, two epochs, every registered method, every ablation on one
-class. ``dvc repro`` then runs there exactly as it does for real data, so running the demo again
-does nothing, and editing one setting in demo/params.yaml re-runs only the stages it affects.
+class. The pipeline is then reproduced there as for real data, one training run per CPU core at a
+time (harness.repro: each stage is still run by ``dvc repro``), so running the demo again does
+nothing, and editing one setting in demo/params.yaml re-runs only the stages it affects.
 
 The backbone has random weights because no pretrained weights can be assumed offline: the figures
 show that the machinery works end to end and nothing more; every table says so.
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from harness.errors import HarnessError
+from harness.repro import dvc_environment, reproduce
 
 PROJECT = Path(__file__).resolve().parents[1]
 NOTICE = (
@@ -76,8 +78,9 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
     demo["seeds"] = [0]
     demo["protocols"] = {
         "official": {"settings": {}, "methods": {m: {} for m in methods}},
-        # One backbone (ResNet-18 via each method's demo settings), one budget, one precision.
-        "unified": {"settings": {"epochs": EPOCHS, "eval_every": EPOCHS, "precision": "fp32"},
+        # One backbone (ResNet-18 via each method's demo settings), one budget (a single epoch, so
+        # that its rows differ from the official ones), one precision.
+        "unified": {"settings": {"epochs": 1, "eval_every": 1, "precision": "fp32"},
                     "methods": {m: {} for m in methods}},
     }
     ablations = demo["ablations"]
@@ -85,9 +88,10 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
     ablations["classes"] = list(ABLATION_CLASSES)
     # The demo's default backbone is ResNet-18, so the backbone ablation flips to WRN-50.
     ablations["groups"]["backbone"]["default"] = "ResNet-18"
-    train = {k: v for k, v in ablations["train"].items() if v.get("group") != "backbone"}
-    train["wide_resnet50_2"] = {"group": "backbone", "label": "WRN-50", "set": {"backbone": "wide_resnet50_2.tv_in1k"}}
-    ablations["train"] = train
+    # It is the slowest run, so it comes first: started early, it does not hold up the end.
+    wide = {"group": "backbone", "label": "WRN-50", "set": {"backbone": "wide_resnet50_2.tv_in1k"}}
+    ablations["train"] = {"wide_resnet50_2": wide, **{k: v for k, v in ablations["train"].items()
+                                                      if v.get("group") != "backbone"}}
     return demo
 
 
@@ -97,23 +101,13 @@ def _write_params(path: Path, params: dict[str, Any]) -> None:
     path.write_text(header + yaml.safe_dump(params, sort_keys=False, default_flow_style=None, width=110))
 
 
-def _environment() -> dict[str, str]:
-    """Stage commands call `python -m harness`: make `python` this interpreter and the project
-    importable, whether or not a virtual environment is active."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(PROJECT), env.get("PYTHONPATH", "")] if p)
-    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return env
-
-
 def init_project(out: Path, methods: list[str] | None = None) -> Path:
     """Create the demo's DVC project (once): dvc init, the link to dvc.yaml, demo params.yaml.
     An existing params.yaml is kept, so that edits to it survive."""
     from methods.registry import list_methods
 
     out.mkdir(parents=True, exist_ok=True)
-    env = _environment()
+    env = dvc_environment()
     if not (out / ".dvc").exists():
         subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "--quiet"], cwd=out, env=env, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=out, env=env,
@@ -131,23 +125,20 @@ def init_project(out: Path, methods: list[str] | None = None) -> Path:
     return out
 
 
-def repro(out: Path, targets: list[str] | None = None, progress: bool = True) -> None:
-    command = [sys.executable, "-m", "dvc", "repro", *(targets or [])]
-    result = subprocess.run(command, cwd=out, env=_environment(),
-                            stdout=None if progress else subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise HarnessError(f"`dvc repro` failed in {out} (exit {result.returncode}); the log above names the "
-                           f"stage. Fix it and run `flowad demo` again: finished stages are kept.")
+def default_jobs() -> int:
+    """Training runs at a time: one per CPU core (the runs are small), at most four."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
-def run_demo(out: Path = Path("demo"), progress: bool = True) -> Path:
-    """Run the demo pipeline in ``out``; returns the folder of its tables."""
+def run_demo(out: Path = Path("demo"), progress: bool = True, jobs: int | None = None) -> Path:
+    """Run the demo pipeline in ``out``, ``jobs`` training runs at a time (default: one per CPU
+    core, at most four); returns the folder of its tables."""
     if not (PROJECT / "dvc.yaml").exists():
         raise HarnessError(f"{PROJECT / 'dvc.yaml'} not found: run the demo from a checkout of the project")
     out = Path(out)
     start = time.perf_counter()
     init_project(out)
-    repro(out, progress=progress)
+    reproduce(out, jobs=jobs or default_jobs(), progress=progress)
     tables = out / "results"
     print(f"\n{NOTICE}\n\nDemo pipeline finished in {time.perf_counter() - start:.0f} s. Tables: "
           f"{tables / 'README.md'}; runs: {out / 'runs'}; settings: {out / 'params.yaml'}.\n"

@@ -7,7 +7,8 @@ tables read the same module to know which runs the grid expects, so a missing ru
 
 Runs folder layout (under ``paths.runs``):
   main/<protocol>/<dataset>/<method>/<class>/seed-<seed>/   the main comparison
-  ablations/<variant>/<class>/seed-<seed>/                  MSFlow ablations (retrained or re-scored)
+  ablations/<variant>/<class>/seed-<seed>/                  MSFlow ablations that retrain
+  rescored/<variant>/<class>/seed-<seed>/                   MSFlow ablations re-scored from stored maps
 
 Each run folder is what harness.train writes, plus ``cost.json`` (trainable parameters and forward
 compute of that configuration).
@@ -134,7 +135,7 @@ def rescored_run(params: dict[str, Any], variant: str, class_name: str, seed: in
     reference = reference_run(params, class_name, seed)
     return dataclasses.replace(
         reference, part="ablation", variant=variant, group=entry["group"],
-        out_dir=_runs_root(params) / "ablations" / variant / class_name / f"seed-{seed}",
+        out_dir=_runs_root(params) / "rescored" / variant / class_name / f"seed-{seed}",
     )
 
 
@@ -233,32 +234,37 @@ def execute(params: dict[str, Any], run: GridRun, resume: bool = True) -> dict[s
     return summary
 
 
-def rescore_variant(params: dict[str, Any], variant: str) -> list[Path]:
-    """A scoring ablation: every reference run's stored maps re-scored with the variant's
-    ScoringSpec fields; writes a metrics.json per class and seed (last epoch only: maps are
-    stored for the final model)."""
-    from harness.train import atomic_write_json, rescore_maps
+def rescore(params: dict[str, Any], variants: list[str] | None = None) -> list[Path]:
+    """The scoring ablations: every reference run's stored maps re-scored with each variant's
+    ScoringSpec fields (default: every variant of ``ablations.rescore``); writes a metrics.json
+    per variant, class and seed (last epoch only: maps are stored for the final model)."""
+    from harness.train import atomic_write_json, rescore_many
 
-    entry = _get(params, f"ablations.rescore.{variant}")
+    entries = _get(params, "ablations.rescore") or {}
+    for variant in variants or []:
+        _get(params, f"ablations.rescore.{variant}")
+    variants = list(variants or entries)
     written = []
     for class_name in _get(params, "ablations.classes") or []:
         for seed in params.get("seeds") or []:
             reference = reference_run(params, class_name, seed)
             spec = run_spec(params, reference)
-            config = method_config(spec)
-            try:
-                scoring = dataclasses.replace(config.scoring(), **(entry.get("set") or {}))
-            except TypeError as err:
-                raise ConfigError(f"ablations.rescore.{variant}.set: {err}; use ScoringSpec fields "
-                                  "(image_aggregation, pixel_aggregation, pro_aggregation, top_k, ...)") from err
-            metrics = rescore_maps(spec, scoring)
-            out = rescored_run(params, variant, class_name, seed).out_dir
-            atomic_write_json(out / "metrics.json", {
-                "method": reference.method, "dataset": reference.dataset, "class": class_name,
-                "seed": seed, "variant": variant, "scoring": dataclasses.asdict(scoring),
-                "rescored_from": str(reference.out_dir), "last": metrics, "best": {}, "history": [],
-            })
-            written.append(out)
+            own = method_config(spec).scoring()
+            scorings = []
+            for variant in variants:
+                try:
+                    scorings.append(dataclasses.replace(own, **(entries[variant].get("set") or {})))
+                except TypeError as err:
+                    raise ConfigError(f"ablations.rescore.{variant}.set: {err}; use ScoringSpec fields "
+                                      "(image_aggregation, pixel_aggregation, pro_aggregation, top_k, ...)") from err
+            for variant, scoring, metrics in zip(variants, scorings, rescore_many(spec, scorings)):
+                out = rescored_run(params, variant, class_name, seed).out_dir
+                atomic_write_json(out / "metrics.json", {
+                    "method": reference.method, "dataset": reference.dataset, "class": class_name,
+                    "seed": seed, "variant": variant, "scoring": dataclasses.asdict(scoring),
+                    "rescored_from": str(reference.out_dir), "last": metrics, "best": {}, "history": [],
+                })
+                written.append(out)
     return written
 
 

@@ -301,6 +301,20 @@ class Tracker:
         if db_file is not None:
             # A missing folder would make MLflow retry the connection for minutes before failing.
             db_file.parent.mkdir(parents=True, exist_ok=True)
+        with self._store_lock(db_file):
+            self._open(db_file)
+
+    @staticmethod
+    def _store_lock(db_file: Path | None) -> contextlib.AbstractContextManager:
+        """Runs started side by side (``flowad repro --jobs``) would each create the tables of a
+        new SQLite store, or the same experiment, at once; one process at a time does it."""
+        if db_file is None:
+            return contextlib.nullcontext()
+        from filelock import FileLock
+
+        return FileLock(f"{db_file}.lock")
+
+    def _open(self, db_file: Path | None) -> None:
         with self._errors("opening the tracking store"):
             from mlflow.tracking import MlflowClient
 

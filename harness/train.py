@@ -23,7 +23,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -528,6 +528,12 @@ def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: boo
 def rescore_maps(spec: RunSpec, scoring: Any = None) -> dict[str, float]:
     """Metrics from a finished run's stored maps, optionally with another scoring
     (aggregation, top-K): the ablations that need no retraining."""
+    return rescore_many(spec, [scoring])[0]
+
+
+def rescore_many(spec: RunSpec, scorings: Sequence[Any]) -> list[dict[str, float]]:
+    """``rescore_maps`` for several scorings, reading the maps and the masks once
+    (None = the method's own scoring)."""
     path = spec.out_dir / MAPS
     if not path.exists():
         raise HarnessError(f"{path} not found; train the run first (it is written at the end of training)")
@@ -538,8 +544,8 @@ def rescore_maps(spec: RunSpec, scoring: Any = None) -> dict[str, float]:
     if [str(Path(r.path).relative_to(class_dir)) for r in test_set.records] != stored.paths:
         raise HarnessError(f"{path} was made from another test set than {class_dir}; the data changed")
     masks = np.stack([test_set[i]["mask"][0].numpy() > 0.5 for i in range(len(test_set))])
-    scores = score(stored.log_likelihoods, trainer.image_size, scoring or trainer.config.scoring())
-    return evaluate_scores(scores, stored.labels, masks)
+    return [evaluate_scores(score(stored.log_likelihoods, trainer.image_size, scoring or trainer.config.scoring()),
+                            stored.labels, masks) for scoring in scorings]
 
 
 def evaluate_run(spec: RunSpec, settings: RunSettings | None = None, from_maps: bool = False) -> dict[str, float]:

@@ -159,6 +159,30 @@ def test_tracking_errors_name_the_store(store) -> None:
             tracker.log_artifact("missing.png")
 
 
+@pytest.mark.slow
+def test_runs_started_side_by_side_share_a_new_store(tmp_path: Path) -> None:
+    """Parallel pipeline jobs open the same, not yet created, SQLite store at once."""
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    script = (
+        "import sys\n"
+        "from harness.tracking import Tracker\n"
+        "with Tracker(sys.argv[1], experiment='side-by-side', run_name=sys.argv[2]) as t:\n"
+        "    t.log_metrics({'m': 1.0}, step=0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    jobs = [subprocess.Popen([sys.executable, "-c", script, uri, f"run{i}"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    for job in jobs:
+        output, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, output
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("side-by-side")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2"]
+
+
 def test_disabled_tracker_does_nothing_and_never_imports_mlflow(tmp_path: Path) -> None:
     script = (
         "import sys\n"
