@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from harness import metrics as M
 from harness.config import RunSettings, RunSpec, to_dict
 from harness.data import AnomalyDataset, dataset_hash
-from harness.errors import HarnessError, TrainingError
+from harness.errors import ConfigError, HarnessError, TrainingError
 from harness.scoring import Scores, score
 from methods.registry import build_model, create_method
 
@@ -184,6 +184,12 @@ class Trainer:
         root, cls = self.spec.data_root, self.spec.class_name
         self.train_set = AnomalyDataset(root, cls, "train", self.image_size)
         self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False)
+        if self.drop_last and len(self.train_set) < self.config.batch_size:
+            raise ConfigError(
+                f"{self.spec.method} drops a partial last batch (drop_last=true, as its reference does), and "
+                f"{root / cls} has {len(self.train_set)} training images, fewer than batch_size="
+                f"{self.config.batch_size}: it would never train. Lower batch_size or set drop_last=false."
+            )
         self.data_hash = dataset_hash(root, cls)
         self.generator = seed_everything(self.seed)
         self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
@@ -203,15 +209,24 @@ class Trainer:
 
     # -- one epoch ----------------------------------------------------------------------------
 
+    @property
+    def drop_last(self) -> bool:
+        """Whether a partial last batch gives no step, as in the method's reference loader."""
+        return bool(getattr(self.config, "drop_last", False))
+
     def _train_batches(self):
         """Yields feature batches in an order fixed by the seeded generator (same across resume)."""
         order = torch.randperm(len(self.train_set), generator=self.generator)
         if self.feature_cache:
-            for index in order.split(self.config.batch_size):
+            batches = order.split(self.config.batch_size)
+            if self.drop_last and len(batches[-1]) < self.config.batch_size:
+                batches = batches[:-1]
+            for index in batches:
                 yield self.train_features.batch(index.to(self.device))
             return
         loader = DataLoader(self.train_set, batch_size=self.config.batch_size, sampler=order.tolist(),
-                            num_workers=self.settings.workers, pin_memory=self.device.type == "cuda")
+                            drop_last=self.drop_last, num_workers=self.settings.workers,
+                            pin_memory=self.device.type == "cuda")
         for batch in loader:
             images = batch["image"].to(self.device, non_blocking=True)
             if self.config.augment:

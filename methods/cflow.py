@@ -87,7 +87,7 @@ class CFlowConfig(MethodConfig, MetaEpochs):
     fiber_batch_size: int = 256  # N; the remainder of each layer's B*H*W fibers is dropped
     lr: float = 2e-4
     batch_size: int = 32
-    drop_last: bool = True  # a partial last image batch gives no training step (official loader)
+    drop_last: bool = True  # a partial last image batch gives no training step (the loop; official loader)
     meta_epochs: int = 25  # evaluation after every meta-epoch
     sub_epochs: int = 8  # training epochs per meta-epoch: 25 x 8 = 200
     warmup_meta_epochs: int = 2  # linear warm-up from warmup_from * lr to the cosine value at its end
@@ -292,7 +292,6 @@ class CFlow(nn.Module):
         # Order of training fibers; None = torch's default generator (seeded and checkpointed by the loop).
         self.fiber_generator: torch.Generator | None = None
         self._position_codes: dict[tuple, Tensor] = {}  # fixed, so computed once per size and device
-        self._full_batches_seen = 0
 
     def _position_fibers(self, x: Tensor) -> Tensor:
         """The positional code of every fiber of x [B, C, H, W]: [B*H*W, cond_channels]."""
@@ -325,15 +324,6 @@ class CFlow(nn.Module):
         """One loss per fiber batch: layer by layer, all B*H*W fibers in a random order, cut into
         batches of fiber_batch_size (remainder dropped). The loop takes an optimiser step after each."""
         config = self.config
-        if features[0].shape[0] < config.batch_size and config.drop_last:
-            if self._full_batches_seen == 0:
-                raise ConfigError(
-                    f"CFlow got an image batch of {features[0].shape[0]} images, fewer than batch_size="
-                    f"{config.batch_size}, before any full one: the training set is smaller than one batch "
-                    "and drop_last=true would never train; lower batch_size or set drop_last=false"
-                )
-            return
-        self._full_batches_seen += 1
         for layer, x in enumerate(features):
             fibers, codes = to_fibers(x), self._position_fibers(x)
             if fibers.shape[0] < config.fiber_batch_size and x.shape[0] >= config.batch_size:

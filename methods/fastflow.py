@@ -111,6 +111,7 @@ class FastFlowConfig(MethodConfig):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     batch_size: int = 32
+    drop_last: bool = True  # a partial last batch gives no step (reference loader; the loop drops it)
     epochs: int = 500
     eval_every: int = 10
     grad_clip: float | None = None

@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import RunSettings, RunSpec
 from harness.errors import ConfigError
 from harness.flows import positional_encoding_2d
 from harness.profile import trainable_parameters
 from harness.scoring import score
-from harness.train import MAPS, Trainer, evaluate_scores, load_maps
+from harness.train import MAPS, evaluate_scores, load_maps
 from methods import build_model, create_method, list_methods
 from methods.cflow import (
     CFlow,
@@ -219,16 +218,6 @@ def test_fiber_batch_larger_than_a_layer_is_an_error():
         list(model.training_losses(tiny_features(batch=2)))
 
 
-def test_partial_image_batch_is_dropped():
-    model = tiny_model(batch_size=2)
-    with pytest.raises(ConfigError, match="batch_size"):  # no full batch seen yet: would never train
-        list(model.training_losses(tiny_features(batch=1)))
-    assert len(list(model.training_losses(tiny_features(batch=2)))) > 0
-    assert list(model.training_losses(tiny_features(batch=1))) == []
-    keep = tiny_model(batch_size=2, drop_last=False)
-    assert len(list(keep.training_losses(tiny_features(batch=1)))) == 9 // 4 + 6 // 4
-
-
 # --- learning rate -------------------------------------------------------------------------------------
 
 
@@ -352,14 +341,8 @@ SMALL = dict(
 
 
 @pytest.fixture(scope="module")
-def trained(embedded_root, tmp_path_factory):
-    spec = RunSpec(method="cflow", data_root=embedded_root, class_name="granite",
-                   out_dir=tmp_path_factory.mktemp("cflow") / "run", overrides=SMALL)
-    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, figures=False, seed=0,
-                           workers=0)
-    trainer = Trainer(spec, settings)
-    summary = trainer.fit()
-    return trainer, summary
+def trained(train_small):
+    return train_small("cflow", "granite", SMALL)
 
 
 def test_short_run_lowers_the_loss_and_scores_above_chance(trained):

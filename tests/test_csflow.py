@@ -11,12 +11,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from harness.config import RunSettings, RunSpec
 from harness.errors import ConfigError
 from harness.flows import FlowOutput, soft_clamp
 from harness.profile import trainable_parameters
 from harness.scoring import score
-from harness.train import MAPS, Trainer, load_maps
+from harness.train import MAPS, load_maps
 from methods import build_model, create_method, list_methods
 from methods.csflow import CSFlow, CSFlowConfig, CrossScaleBlock, MultiScaleEfficientNet, stage_channels, stage_stride
 
@@ -237,13 +236,9 @@ SMALL = {"backbone": "tf_efficientnet_b0", "block_stage": 2, "input_size": (128,
 
 
 @pytest.fixture(scope="module")
-def short_run(embedded_root, tmp_path_factory):
+def short_run(train_small):
     """3 epochs on weave with random EfficientNet-B0 features."""
-    spec = RunSpec(method="csflow", data_root=embedded_root, class_name="weave",
-                   out_dir=tmp_path_factory.mktemp("csflow") / "run", overrides=SMALL)
-    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, figures=False, seed=0,
-                           epochs=3, eval_every=3)
-    return spec, Trainer(spec, settings).fit()
+    return train_small("csflow", "weave", SMALL, epochs=3, eval_every=3)
 
 
 def test_short_run_lowers_the_loss_and_detects_anomalies(short_run):
@@ -254,7 +249,7 @@ def test_short_run_lowers_the_loss_and_detects_anomalies(short_run):
 
 
 def test_stored_maps_give_maps_at_input_resolution(short_run):
-    spec, _ = short_run
+    spec = short_run[0].spec
     stored = load_maps(spec.out_dir / MAPS)
     assert [tuple(m.shape[1:]) for m in stored.log_likelihoods] == [(16, 16), (8, 8), (4, 4)]
     assert stored.channels == [40, 40, 40]

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import RunSettings, RunSpec
 from harness.errors import ConfigError
 from harness.flows import FlowOutput
 from harness.profile import trainable_parameters
 from harness.scoring import score
-from harness.train import MAPS, Trainer, load_maps
+from harness.train import MAPS, load_maps
 from methods import build_model, create_method, list_methods
 from methods.fastflow import PRESETS, FastFlow, FastFlowConfig, VisionTransformerFeatures
 
@@ -224,13 +223,9 @@ SMALL = {"backbone": "resnet18", "input_size": (64, 64), "flow_steps": 2, "batch
 
 
 @pytest.fixture(scope="module")
-def short_run(embedded_root, tmp_path_factory):
+def short_run(train_small):
     """4 epochs on granite with random resnet18 features (maps 16/8/4)."""
-    spec = RunSpec(method="fastflow", data_root=embedded_root, class_name="granite",
-                   out_dir=tmp_path_factory.mktemp("fastflow") / "run", overrides=SMALL)
-    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, figures=False, seed=0,
-                           epochs=4, eval_every=4)
-    return spec, Trainer(spec, settings).fit()
+    return train_small("fastflow", "granite", SMALL, epochs=4, eval_every=4)
 
 
 def test_short_run_lowers_the_loss_and_detects_anomalies(short_run):
@@ -242,7 +237,7 @@ def test_short_run_lowers_the_loss_and_detects_anomalies(short_run):
 
 
 def test_stored_maps_give_maps_at_input_resolution(short_run):
-    spec, _ = short_run
+    spec = short_run[0].spec
     stored = load_maps(spec.out_dir / MAPS)
     assert [tuple(m.shape[1:]) for m in stored.log_likelihoods] == [(16, 16), (8, 8), (4, 4)]
     assert stored.channels == RESNET18

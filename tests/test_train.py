@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -180,3 +179,22 @@ def test_resume_with_other_settings_is_refused(embedded_root, tmp_path):
     (out / METRICS).unlink()  # as if interrupted after the checkpoint
     with pytest.raises(HarnessError, match="other settings"):
         Trainer(spec(embedded_root, out, pool="max"), settings(epochs=1, eval_every=1)).fit(resume=True)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_partial_last_batch_is_dropped_where_the_reference_drops_it(embedded_root, tmp_path, cache):
+    small = {"backbone": "resnet18", "input_size": (32, 32), "flow_steps": 1, "batch_size": 7}
+
+    def batch_sizes(**overrides) -> list[int]:
+        run = RunSpec(method="fastflow", data_root=embedded_root, class_name=CLASS, out_dir=tmp_path / "run",
+                      overrides={**small, **overrides})
+        trainer = Trainer(run, settings(feature_cache=cache))
+        trainer._setup()
+        return [features[0].shape[0] for features in trainer._train_batches()], len(trainer.train_set)
+
+    kept, n_train = batch_sizes()  # FastFlow's reference loader drops the partial batch
+    assert n_train % 7 and kept == [7] * (n_train // 7)
+    everything, _ = batch_sizes(drop_last=False)
+    assert sum(everything) == n_train and everything[-1] == n_train % 7
+    with pytest.raises(HarnessError, match=f"{n_train} training images, fewer than batch_size={n_train + 1}"):
+        batch_sizes(batch_size=n_train + 1)

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import RunSettings, RunSpec
 from harness.errors import ConfigError, HarnessError
 from harness.profile import trainable_parameters
 from harness.scoring import score
-from harness.train import Trainer
 from methods import build_model, create_method, list_methods
 from methods.uflow import TUNED_SETTINGS, MultiScaleCaiT, UFlow, UFlowConfig
 
@@ -273,12 +271,9 @@ SMALL = {"backbone": "resnet18", "input_size": (64, 64), "blocks_per_stage": 2, 
 
 
 @pytest.fixture(scope="module")
-def short_run(embedded_root, tmp_path_factory):
-    spec = RunSpec(method="uflow", data_root=embedded_root, class_name="weave",
-                   out_dir=tmp_path_factory.mktemp("uflow") / "run", overrides=SMALL)
-    settings = RunSettings(device="cpu", pretrained=False, progress=False, tracking=False, figures=False, seed=0,
-                           epochs=4, eval_every=4)
-    return Trainer(spec, settings).fit()
+def short_run(train_small):
+    """The summary of 4 epochs on weave."""
+    return train_small("uflow", "weave", SMALL, epochs=4, eval_every=4)[1]
 
 
 def test_short_run_lowers_the_loss_and_scores_above_chance(short_run):
