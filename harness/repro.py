@@ -46,6 +46,7 @@ def dvc_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(project), env.get("PYTHONPATH", "")] if p)
     env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    env.setdefault("DVC_NO_ANALYTICS", "1")  # also before `dvc init` has written core.analytics=false
     env.update(extra or {})
     return env
 

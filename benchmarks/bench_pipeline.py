@@ -1,0 +1,62 @@
+"""Wall time of the whole demo pipeline from an empty folder: every stage one after another (a plain
+``dvc repro``, ``--jobs 1``) against several training runs at a time (``--jobs N``), and the second
+run, which has nothing to do.
+
+    python benchmarks/bench_pipeline.py --jobs 1 2
+
+Each setting runs in its own new folder under a temporary directory (deleted afterwards unless
+--keep). Writes benchmarks/results/bench_pipeline.json. Random backbone weights, embedded data:
+this measures the pipeline's machinery (process start-up, DVC, training at toy size, tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from harness.demo import run_demo
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed_demo(out: Path, jobs: int) -> float:
+    start = time.perf_counter()
+    run_demo(out, progress=False, jobs=jobs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--keep", action="store_true", help="keep the demo folders")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    rows = []
+    try:
+        for jobs in args.jobs:
+            out = root / f"demo-jobs-{jobs}"
+            first = timed_demo(out, jobs)
+            second = timed_demo(out, jobs)
+            rows.append({"jobs": jobs, "first_run_s": round(first, 1), "second_run_s": round(second, 1)})
+            print(f"--jobs {jobs}: {first:.0f} s from an empty folder, {second:.0f} s the second time", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    base = next((r["first_run_s"] for r in rows if r["jobs"] == 1), None)
+    for row in rows:
+        row["speed_up_vs_jobs_1"] = round(base / row["first_run_s"], 2) if base else None
+    result = {"cpus": os.cpu_count(), "machine": platform.platform(), "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
