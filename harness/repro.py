@@ -76,7 +76,7 @@ def stages_to_run(project: Path, prefixes: Sequence[str] = RUN_STAGES) -> list[s
     """The stages with these name prefixes that ``dvc status`` reports missing or out of date."""
     result = _dvc(["status", "--json"], project, dvc_environment(), capture=True)
     if result.returncode != 0:
-        raise HarnessError(f"`dvc status` failed in {project}:\n{result.stdout}{result.stderr}")
+        raise _failed("`dvc status`", project, result)
     changed = json.loads(result.stdout or "{}")
     return [name for name in changed if name.startswith(tuple(prefixes))]
 
@@ -150,9 +150,9 @@ def run_parallel(project: Path, stages: Sequence[str], workers: Sequence[Worker]
 def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: bool = True) -> None:
     """Bring every stage of the project's pipeline up to date, ``jobs`` training runs at a time."""
     project = Path(project)
-    quiet = {} if progress else {"capture": True}
     if jobs > 1:
-        data = _dvc(["repro", "--glob", *(f"{p}*" for p in DATA_STAGES)], project, dvc_environment(), **quiet)
+        data = _dvc(["repro", "--glob", *(f"{p}*" for p in DATA_STAGES)], project, dvc_environment(),
+                    capture=not progress)
         if data.returncode != 0:
             raise _failed("`dvc repro` of the data stages", project, data)
         pending = stages_to_run(project)
@@ -160,6 +160,6 @@ def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: 
             print(f"{len(pending)} training runs to do, {jobs} at a time", flush=True)
         run_parallel(project, pending, make_workers(jobs, gpus), progress=progress)
     env = make_workers(1, gpus)[0].environment() if gpus else dvc_environment()
-    rest = _dvc(["repro"], project, env, **quiet)
+    rest = _dvc(["repro"], project, env, capture=not progress)
     if rest.returncode != 0:
         raise _failed("`dvc repro`", project, rest)
