@@ -189,12 +189,12 @@ def run_spec(params: dict[str, Any], run: GridRun) -> RunSpec:
                    out_dir=run.out_dir, overrides=run.overrides, dataset=run.dataset)
 
 
-def method_config(spec: RunSpec) -> Any:
-    """The config a run trains with (as the loop builds it)."""
+def method_config(spec: RunSpec, seed: int | None = None) -> Any:
+    """The config a run trains with (as the loop builds it, with the run seed)."""
     from harness.train import Trainer
     from methods.registry import create_method
 
-    return create_method(spec.method, **Trainer._class_settings(spec))
+    return create_method(spec.method, **Trainer._class_settings(spec, seed))
 
 
 def _matches(out_dir: Path, spec: RunSpec, settings: RunSettings) -> bool:
@@ -203,8 +203,8 @@ def _matches(out_dir: Path, spec: RunSpec, settings: RunSettings) -> bool:
     if not record_path.exists():
         return True  # nothing recorded yet: nothing to contradict
     record = json.loads(record_path.read_text())
-    config = method_config(spec)
-    seed = settings.seed if settings.seed is not None else config.seed
+    config = method_config(spec, settings.seed)
+    seed = config.seed
     recorded = record.get("config", {})
     return (recorded.get("method_config") == json.loads(json.dumps(to_dict(config)))
             and int(record.get("seed", -1)) == int(seed)
