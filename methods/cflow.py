@@ -34,17 +34,19 @@ from dataclasses import dataclass, field
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from harness import metrics as M
 from harness.data import IMAGENET_MEAN, IMAGENET_STD
 from harness.errors import ConfigError
 from harness.features import FeatureExtractor
 from harness.flows import FlowOutput, all_in_one_flow, fc_subnet, positional_encoding_2d, seeded_construction
-from harness.scoring import NORMALISATIONS, ScoringSpec
+from harness.scoring import NORMALISATIONS, ScoringSpec, score
 from methods.base import MethodConfig, MetaEpochs
 from methods.registry import register_method
 
@@ -164,6 +166,15 @@ class CFlowConfig(MethodConfig, MetaEpochs):
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return make_scheduler(self, optimizer)
+
+    def extra_metrics(self, log_likelihoods: Sequence[Tensor], channels: Sequence[int], masks: np.ndarray,
+                      image_size: tuple[int, int]) -> dict[str, float]:
+        """AU-PRO as CFlow-AD's own code computes it (the convention of its published PRO; see
+        harness.metrics, "cflow"), on the final model's PRO map."""
+        if not np.asarray(masks).any():
+            return {}
+        pro_map = score(log_likelihoods, image_size, self.scoring()).pro_map.numpy()
+        return {"aupro_cflow": M.aupro(masks, pro_map, convention="cflow", n_thresholds=1000)}
 
     def scoring(self) -> ScoringSpec:
         """One additive map for every metric, image score = its maximum [3.4]."""

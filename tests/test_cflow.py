@@ -392,3 +392,10 @@ def test_torch18_zero_grad_keeps_moving_idle_decoders(torch18):
 
 def test_torch18_zero_grad_is_the_official_default():
     assert CFlowConfig().torch18_zero_grad is True
+
+
+def test_short_run_reports_cflow_own_pro(trained):
+    _, summary = trained
+    last = summary["last"]
+    assert 0.0 <= last["aupro_cflow"] <= 1.5  # overlaps above 1 are possible on masks with holes
+    assert "aupro_cflow" not in summary["history"][-1]  # computed once, on the final model

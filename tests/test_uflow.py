@@ -156,7 +156,10 @@ def test_defaults_follow_the_specification():
     assert config.feature_sizes() == [(28, 28), (14, 14)]
     assert (config.blocks_per_stage, config.clamp, config.permute_soft, config.hidden_ratio) == (4, 2.0, False, 1.0)
     assert (config.lr, config.batch_size, config.epochs, config.weight_decay) == (1e-4, 8, 200, 1e-5)
-    assert not config.augment and not config.loss_batch_sum_bug and not config.official_lower_tail
+    assert not config.augment and not config.loss_batch_sum_bug
+    assert config.official_lower_tail  # the reference's NFA (the unified protocol turns it off)
+    assert config.metric_size == (256, 256) and config.nfa_size == (256, 256)
+    assert (config.image_resize, config.mask_resize) == ("bilinear_antialias", "bilinear")
     assert config.nfa_size == (256, 256) and config.input_size_for("bottle") == (448, 448)
     assert len(TUNED_SETTINGS) == 15
     spec = config.scoring()
