@@ -1,4 +1,4 @@
-"""harness/fetch.py: downloads over a loopback HTTP server, safe extraction, atomic installs and
+"""harness/fetch: downloads over a loopback HTTP server, safe extraction, atomic installs and
 the MTD / mSTC converters (MTD on the real files in ../shared/data/mtd when present)."""
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import pytest
 from PIL import Image
 
 from harness import fetch as F
+from harness.fetch import downloader as fetch_download
+from harness.fetch import install as fetch_install
 from harness.errors import FetchError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +106,7 @@ def server():
 @pytest.fixture(autouse=True)
 def no_mirror_env(monkeypatch):
     monkeypatch.delenv(F.MIRROR_ENV, raising=False)
-    monkeypatch.setattr(F, "_RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(fetch_download, "_RETRY_PAUSE_S", 0.0)
 
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
@@ -416,13 +418,13 @@ def test_fetch_crash_in_conversion_leaves_nothing_that_looks_complete(toy, monke
         (Path(out_root) / "widget" / "train").mkdir(parents=True)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(F, "convert_mvtec", crash)
+    monkeypatch.setattr(fetch_install, "convert_mvtec", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         toy.fetch()
     assert not (toy.data / "toy").exists() and F.read_marker(toy.data / "toy") is None
     assert [p for p in _leftovers(toy.data) if p != ".downloads"] == []
     monkeypatch.undo()
-    monkeypatch.setattr(F, "_RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(fetch_download, "_RETRY_PAUSE_S", 0.0)
     _assert_toy_installed(toy.fetch())  # the kept download is reused
 
 
@@ -434,7 +436,7 @@ def test_fetch_crash_during_reinstall_keeps_the_old_install(toy, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(F, "_check_counts", crash)  # after conversion, before the swap
+    monkeypatch.setattr(fetch_install, "check_counts", crash)  # after conversion, before the swap
     with pytest.raises(RuntimeError):
         toy.fetch(force=True)
     assert (root / F.MARKER).read_bytes() == old_marker
