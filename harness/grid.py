@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import RunSettings, RunSpec, load_params, to_dict
-from harness.errors import ConfigError
+from harness.config import RunSettings, RunSpec, check_keys, check_name, load_params
+from harness.errors import ConfigError, HarnessError
 
 PARAMS = Path("params.yaml")
 COST = "cost.json"
@@ -104,6 +104,9 @@ def method_overrides(params: dict[str, Any], protocol: str, dataset: str, method
 def main_run(params: dict[str, Any], protocol: str, dataset: str, method: str, class_name: str,
              seed: int | str) -> GridRun:
     _get(params, f"protocols.{protocol}")
+    for kind, name in (("protocol", protocol), ("dataset", dataset), ("method", method),
+                       ("class", class_name), ("seed", str(seed))):
+        check_name(kind, name)  # each names a folder under paths.runs
     out = _runs_root(params) / "main" / protocol / dataset / method / class_name / f"seed-{seed}"
     overrides = method_overrides(params, protocol, dataset, method)
     return GridRun(
@@ -121,6 +124,7 @@ def reference_run(params: dict[str, Any], class_name: str, seed: int | str) -> G
 
 def ablation_run(params: dict[str, Any], variant: str, class_name: str, seed: int | str) -> GridRun:
     """A retrained ablation: the reference run's settings with the variant's ``set`` applied."""
+    check_name("ablation variant", variant)
     entry = _get(params, f"ablations.train.{variant}")
     reference = reference_run(params, class_name, seed)
     return dataclasses.replace(
@@ -131,6 +135,7 @@ def ablation_run(params: dict[str, Any], variant: str, class_name: str, seed: in
 
 
 def rescored_run(params: dict[str, Any], variant: str, class_name: str, seed: int | str) -> GridRun:
+    check_name("ablation variant", variant)
     entry = _get(params, f"ablations.rescore.{variant}")
     reference = reference_run(params, class_name, seed)
     return dataclasses.replace(
@@ -161,24 +166,38 @@ def ablation_runs(params: dict[str, Any]) -> Iterator[GridRun]:
 # --------------------------------------------------------------------------- execution
 
 
+RUNTIME_KEYS = ("device", "precision", "workers", "feature_cache", "pretrained", "progress", "keep_checkpoints")
+TRACKING_KEYS = ("enabled", "uri", "experiment")
+LOOP_KEYS = ("epochs", "eval_every", "precision")
+FEATURE_CACHE = {"auto": None, "on": True, "off": False, True: True, False: False}
+
+
 def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
     runtime = dict(params.get("runtime") or {})
     tracking = dict(params.get("tracking") or {})
     loop = run.loop_settings
+    check_keys("params.yaml runtime", runtime, RUNTIME_KEYS)
+    check_keys("params.yaml tracking", tracking, TRACKING_KEYS)
+    check_keys(f"params.yaml protocols.{run.protocol}.settings", loop, LOOP_KEYS)
     cache = runtime.get("feature_cache", "auto")
+    if not isinstance(cache, (str, bool)) or cache not in FEATURE_CACHE:
+        raise ConfigError(f"params.yaml runtime.feature_cache={cache!r} must be auto, on or off")
+    keep = runtime.get("keep_checkpoints", True)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"params.yaml runtime.keep_checkpoints={keep!r} must be true or false (no quotes)")
     experiment = tracking.get("experiment") or "flowad"
     experiment = f"{experiment}/{run.protocol}" if run.part == "main" else f"{experiment}/ablations"
     return RunSettings(
         device=runtime.get("device", "auto"),
         precision=loop.get("precision") or runtime.get("precision", "fp32"),
-        workers=int(runtime.get("workers", 0)),
+        workers=runtime.get("workers", 0),
         seed=seed_value(run.seed),
-        feature_cache={"auto": None, "on": True, "off": False, True: True, False: False}[cache],
+        feature_cache=FEATURE_CACHE[cache],
         epochs=loop.get("epochs"),
         eval_every=loop.get("eval_every"),
-        pretrained=bool(runtime.get("pretrained", True)),
-        progress=bool(runtime.get("progress", False)),
-        tracking=bool(tracking.get("enabled", True)),
+        pretrained=runtime.get("pretrained", True),  # RunSettings checks the types
+        progress=runtime.get("progress", False),
+        tracking=tracking.get("enabled", True),
         tracking_uri=tracking.get("uri"),
         experiment=experiment,
     )
@@ -198,33 +217,81 @@ def method_config(spec: RunSpec) -> Any:
 
 
 def _matches(out_dir: Path, spec: RunSpec, settings: RunSettings) -> bool:
-    """Whether an unfinished run folder was started with these settings (so it can be resumed)."""
-    record_path = out_dir / "record.json"
-    if not record_path.exists():
-        return True  # nothing recorded yet: nothing to contradict
-    record = json.loads(record_path.read_text())
-    config = method_config(spec)
-    seed = settings.seed if settings.seed is not None else config.seed
-    recorded = record.get("config", {})
-    return (recorded.get("method_config") == json.loads(json.dumps(to_dict(config)))
-            and int(record.get("seed", -1)) == int(seed)
-            and recorded.get("epochs") == (settings.epochs or config.epochs))
+    """Whether an unfinished run folder's checkpoint was written with these settings and this data
+    (so it can be resumed); the same check ``train --resume`` makes."""
+    from harness import checkpoint
+    from harness.data import dataset_hash
+    from harness.train import CHECKPOINT, Trainer
+
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        return True  # nothing trained yet: nothing to contradict
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError:
+        return False  # damaged: the run starts afresh
+    trainer = Trainer(spec, settings)
+    trainer.data_hash = dataset_hash(spec.data_root, spec.class_name)
+    return state.get("identity") == trainer.run_identity()
+
+
+def _finished_here(out_dir: Path, spec: RunSpec, settings: RunSettings) -> dict[str, Any] | None:
+    """A finished run of these settings, data and code (killed before DVC recorded its stage), or
+    None. Its MLflow run is closed as FINISHED, since the kill may have come before that."""
+    from harness.data import dataset_hash
+    from harness.tracking import code_revision
+    from harness.train import METRICS, RECORD, Trainer
+
+    try:
+        summary = json.loads((out_dir / METRICS).read_text())
+        recorded_code = json.loads((out_dir / RECORD).read_text())["code"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    code = code_revision()
+    if code["revision"] == "unknown" or any(recorded_code.get(k) != code[k] for k in ("revision", "diff_sha256")):
+        return None  # other code (or unknown code): DVC re-ran the stage for a reason
+    trainer = Trainer(spec, settings)
+    trainer.data_hash = dataset_hash(spec.data_root, spec.class_name)
+    if summary.get("identity") != trainer.run_identity():
+        return None
+    _end_tracking(out_dir, settings, "FINISHED")
+    return summary
+
+
+def _end_tracking(out_dir: Path, settings: RunSettings, status: str) -> None:
+    """Close the MLflow run a run folder names (a killed process leaves it RUNNING)."""
+    from harness.tracking import Tracker, default_tracking_uri
+    from harness.train import TRACKING_ID
+
+    id_file = out_dir / TRACKING_ID
+    if not settings.tracking or not id_file.is_file():
+        return
+    tracker = Tracker(uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
+                      run_id=id_file.read_text().strip())
+    try:
+        tracker.start()
+    except HarnessError:
+        return  # the run is gone from the store: nothing left RUNNING
+    tracker.end(status)
 
 
 def execute(params: dict[str, Any], run: GridRun, resume: bool = True) -> dict[str, Any]:
     """Train one run of the grid (the body of a dvc.yaml run stage) and write its cost.json.
 
     DVC runs a stage when the run is missing or out of date. Run folders persist across stage
-    runs, so: an unfinished folder with the same settings is continued (``resume``); a folder
-    with other settings, or a finished one (DVC re-runs a finished run only when its settings,
-    data or code changed), is started afresh."""
+    runs, so: an unfinished folder with the same settings and data is continued (``resume``); a
+    finished one of the same settings, data and code is kept (the stage was killed before DVC
+    recorded it); a folder with other settings, data or code is started afresh."""
     from harness.profile import method_info
     from harness.train import atomic_write_json, run_training
 
     spec, settings = run_spec(params, run), run_settings(params, run)
-    if run.out_dir.exists() and (run.finished or not resume or not _matches(run.out_dir, spec, settings)):
-        shutil.rmtree(run.out_dir)
-    summary = run_training(spec, settings, resume=resume)
+    summary = _finished_here(run.out_dir, spec, settings)
+    if summary is None:
+        if run.out_dir.exists() and (run.finished or not resume or not _matches(run.out_dir, spec, settings)):
+            _end_tracking(run.out_dir, settings, "KILLED")  # its MLflow run would stay RUNNING
+            shutil.rmtree(run.out_dir)
+        summary = run_training(spec, settings, resume=resume)
     cost = method_info(run.method, spec.overrides, class_name=run.class_name)
     atomic_write_json(run.out_dir / COST, cost)
     if not (params.get("runtime") or {}).get("keep_checkpoints", True):

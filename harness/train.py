@@ -17,6 +17,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,10 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from harness import checkpoint as ckpt
 from harness import metrics as M
-from harness.config import RunSettings, RunSpec, to_dict
+from harness.config import DISPLAY_SETTINGS, RunSettings, RunSpec, to_dict
 from harness.data import AnomalyDataset, dataset_hash
 from harness.errors import ConfigError, HarnessError, TrainingError
+from harness.manifest import check_installed
 from harness.scoring import Scores, score
 from methods.registry import build_model, create_method
 
@@ -43,6 +46,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 RECORD = "record.json"
 MAPS = "maps.npz"
+TRACKING_ID = "tracking_run_id.txt"
+RUN_FILES = (CHECKPOINT, METRICS, RECORD, MAPS, TRACKING_ID)
 # Metrics where higher is better, in the order tables show them.
 EVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "aupro_code")
 
@@ -66,11 +71,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    """Write through a temporary file in the same folder and rename: readers never see half a file.
+
+    The file gets the permissions the user's umask gives (mkstemp alone makes it owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -83,6 +97,24 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def remove_partial_writes(folder: Path, names: Sequence[str]) -> None:
+    """Delete the temporary files a killed ``atomic_write_bytes`` left (``.<name>.<random>``)."""
+    for name in names:
+        for leftover in folder.glob(f".{name}.*"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+
+
+def _differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the values that differ between two nested dicts."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            out += _differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if recorded == current else [f"{prefix[:-1]} ({recorded!r} -> {current!r})"]
 
 
 # --------------------------------------------------------------------------- features
@@ -150,6 +182,12 @@ class Trainer:
         self.seed = self.settings.seed if self.settings.seed is not None else self.config.seed
         self.epochs = self.settings.epochs or self.config.epochs
         self.eval_every = self.settings.eval_every or self.config.eval_every
+        for name, value in (("epochs", self.epochs), ("eval_every", self.eval_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{spec.method} would run with {name}={value!r}: the training budget must be a "
+                    f"positive number of epochs (check meta_epochs, sub_epochs, epochs and eval_every)"
+                )
         self.image_size = tuple(self.config.input_size_for(spec.class_name))
         use_cache = self.settings.feature_cache
         self.feature_cache = (not self.config.augment) if use_cache is None else use_cache
@@ -182,6 +220,9 @@ class Trainer:
 
     def _setup(self) -> None:
         root, cls = self.spec.data_root, self.spec.class_name
+        check_installed(root, [cls], repair=(
+            f"Nothing was trained. Reinstall the data: `python -m harness fetch {root.name} --data-root "
+            f"{root.parent} --force` (or `generate --out {root}` for the embedded set)."))
         self.train_set = AnomalyDataset(root, cls, "train", self.image_size)
         self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False)
         if self.drop_last and len(self.train_set) < self.config.batch_size:
@@ -309,13 +350,14 @@ class Trainer:
             "epoch": epoch,
             "config": to_dict(self.config),
             "seed": self.seed,
+            "identity": self.run_identity(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": ckpt.numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "batches": self.generator.get_state(),
@@ -323,15 +365,28 @@ class Trainer:
             "history": {"epochs": history.epochs, "best": history.best},
             "tracking_run_id": getattr(self.tracker, "run_id", None),
         }
-        atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
+        atomic_write_bytes(self.out / CHECKPOINT, lambda f: ckpt.save(state, f))
+
+    def run_identity(self) -> dict[str, Any]:
+        """Everything a run's result depends on: a resumed run must match it exactly."""
+        settings = {k: v for k, v in to_dict(self.settings).items() if k not in DISPLAY_SETTINGS}
+        settings["device"] = self.device.type  # "auto" and "cuda" name the same device
+        return json.loads(json.dumps({
+            "method": self.spec.method, "class": self.spec.class_name,
+            "method_config": to_dict(self.config), "settings": settings, "seed": self.seed,
+            "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every,
+            "data_hash": self.data_hash,
+        }))
 
     def _load_checkpoint(self) -> tuple[int, History]:
         path = self.out / CHECKPOINT
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config"] != to_dict(self.config) or state["seed"] != self.seed:
-            raise HarnessError(
-                f"{path} was written with other settings than this run's; resume with the same "
-                "method settings and seed, or start a new run in another --out folder"
+        state = ckpt.load(path, map_location=self.device)
+        changed = _differences(state.get("identity"), self.run_identity())
+        if changed:
+            raise ckpt.CheckpointError(
+                f"{path} was written by a run with other settings or data; changed: "
+                f"{'; '.join(changed[:8])}. Resume with the same settings and data, or start a new "
+                f"run in another --out folder"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -339,7 +394,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        ckpt.set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -369,6 +424,7 @@ class Trainer:
             return json.loads((self.out / METRICS).read_text())
         self._setup()
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(self.out, RUN_FILES)
         record = run_record(
             config={"method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
                     "method_config": to_dict(self.config), "settings": to_dict(self.settings),
@@ -381,8 +437,11 @@ class Trainer:
         atomic_write_json(self.out / RECORD, record)
         tracker = self.tracker
         if tracker is not None:
+            # Display flags are not run parameters: MLflow refuses a changed value on resume.
+            config = dict(record["config"])
+            config["settings"] = {k: v for k, v in config["settings"].items() if k not in DISPLAY_SETTINGS}
             tracker.log_params({"method": self.spec.method, "class": self.spec.class_name,
-                                "dataset": self.spec.dataset, **record["config"]})
+                                "dataset": self.spec.dataset, **config})
             tracker.log_record(record)
 
         result = None
@@ -442,6 +501,7 @@ class Trainer:
             "epochs": self.epochs, "last": final,
             "best": history.best, "history": history.epochs,
             "image_size": list(self.image_size), "seed": self.seed,
+            "identity": self.run_identity(),
         }
         if self.tracker is not None:
             for path in [self.out / RECORD, *artifacts]:
@@ -513,8 +573,6 @@ def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset) -> 
 
 # --------------------------------------------------------------------------- entry points
 
-TRACKING_ID = "tracking_run_id.txt"
-
 
 def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: bool = False) -> dict[str, Any]:
     """Train and evaluate one run with MLflow tracking; ``resume`` continues an interrupted run
@@ -563,15 +621,46 @@ def rescore_many(spec: RunSpec, scorings: Sequence[Any]) -> list[dict[str, float
                             stored.labels, masks) for scoring in scorings]
 
 
+def _check_recorded_config(spec: RunSpec) -> None:
+    """Stored maps come from the run's own model: only scoring settings may differ from its record."""
+    from harness.scoring import ScoringSpec
+
+    path = spec.out_dir / RECORD
+    if not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text())["config"]["method_config"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise HarnessError(f"{path} is not a run record ({err}); the run folder is damaged") from None
+    current = to_dict(Trainer(spec, RunSettings(tracking=False, progress=False)).config)
+    scoring = {f.name for f in dataclasses.fields(ScoringSpec)}
+    changed = [d for d in _differences(recorded, current) if d.split(" ")[0].split(".")[0] not in scoring]
+    if changed:
+        raise HarnessError(
+            f"{spec.out_dir} was trained with other method settings than given; changed: "
+            f"{'; '.join(changed[:8])}. Its maps can only be re-scored (scoring settings such as "
+            f"top_k or image_aggregation); drop the other --set values."
+        )
+
+
 def evaluate_run(spec: RunSpec, settings: RunSettings | None = None, from_maps: bool = False) -> dict[str, float]:
     """Evaluate a run's checkpoint on its test set (or re-score its stored maps); writes nothing."""
     if from_maps:
+        _check_recorded_config(spec)
         return rescore_maps(spec)
     path = spec.out_dir / CHECKPOINT
     if not path.exists():
         raise HarnessError(f"{path} not found; train first or point --out at a run folder")
     trainer = Trainer(spec, settings or RunSettings(tracking=False))
+    state = ckpt.load(path, map_location=trainer.device)
+    changed = _differences(state.get("config"), to_dict(trainer.config))
+    if changed:
+        # Another pooling or input size would score the stored model on other features.
+        raise ckpt.CheckpointError(
+            f"{path} was trained with other method settings than given; changed: "
+            f"{'; '.join(changed[:8])}. Evaluate with the run's own settings (drop those --set), "
+            f"or re-score its maps with another scoring (`flowad evaluate --from-maps`)."
+        )
     trainer._setup()
-    state = torch.load(path, map_location=trainer.device, weights_only=False)
     trainer.model.load_state_dict(state["model"])
     return trainer.evaluate().metrics

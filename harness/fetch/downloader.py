@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -68,29 +69,35 @@ def local_path(url: str) -> Path | None:
 
 def download(
     url: str, dest: str | os.PathLike, sha256: str | None = None, progress: bool = True,
-    retries: int = 2,
+    retries: int = 2, check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Fetch ``url`` (http(s), file:// or a local path) to ``dest`` and return ``dest``.
 
     Bytes stream into ``dest + ".part"``; an interrupted download resumes from there with an HTTP
-    Range request (a server that answers 200 instead of 206 makes it start over). When ``sha256``
-    is given a mismatch deletes the download and raises FetchError naming both hashes. ``dest``
-    appears only once complete and verified.
+    Range request made conditional on the partial's ETag or Last-Modified (If-Range), so a file
+    that changed upstream is downloaded whole rather than spliced; a server that answers 200
+    instead of 206 makes it start over. When ``sha256`` is given a mismatch deletes the download
+    and raises FetchError naming both hashes. Without one, ``check`` (e.g. a full read of an
+    archive) must accept the file. ``dest`` appears only once complete and verified, beside a
+    ``.sha256`` file that later reuse is checked against.
     """
-    return download_hashed(url, Path(dest), sha256, progress, retries)[0]
+    return download_hashed(url, Path(dest), sha256, progress, retries, check)[0]
 
 
 def download_hashed(
-    url: str, dest: Path, sha256: str | None, progress: bool, retries: int
+    url: str, dest: Path, sha256: str | None, progress: bool, retries: int,
+    check: Callable[[Path], None] | None = None,
 ) -> tuple[Path, str]:
     """download(), also returning the file's sha256 (computed while streaming)."""
     expected = sha256.lower() if sha256 else None
     dest.parent.mkdir(parents=True, exist_ok=True)
+    recorded = dest.with_name(dest.name + ".sha256")
     if dest.is_file():
         digest = file_sha256(dest, progress)
-        if expected is None or digest == expected:
+        known = expected or (recorded.read_text().strip() if recorded.is_file() else None)
+        if digest == known:
             return dest, digest
-        say(f"{dest} does not match its sha256; downloading it again", progress)
+        say(f"{dest} does not match its sha256 (or has none recorded); downloading it again", progress)
         dest.unlink()
     part = dest.with_name(dest.name + ".part")
     local = local_path(url)
@@ -107,6 +114,15 @@ def download_hashed(
             f"got {digest}. The bad download was deleted. If the file changed upstream on "
             f"purpose, update sha256 in the dataset card; otherwise try again or use a mirror."
         )
+    if expected is None and check is not None:
+        try:
+            check(part)
+        except FetchError as err:
+            part.unlink(missing_ok=True)
+            raise FetchError(f"the download of {dest.name} from {url} is not usable and was "
+                             f"deleted: {err}") from None
+    _validator_file(part).unlink(missing_ok=True)
+    recorded.write_text(digest + "\n")
     os.replace(part, dest)
     return dest, digest
 
@@ -139,6 +155,11 @@ def _http_download(url: str, part: Path, progress: bool, retries: int) -> str:
             time.sleep(_RETRY_PAUSE_S * attempt)
 
 
+def _validator_file(part: Path) -> Path:
+    """Where a partial download keeps its ETag (or Last-Modified), for If-Range on resume."""
+    return part.with_name(part.name + ".etag")
+
+
 def _content_range(header: str | None) -> tuple[int | None, int | None]:
     """(first byte, total length) from 'bytes 100-199/200' or 'bytes */200'."""
     match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", header or "")
@@ -152,8 +173,11 @@ def _content_range(header: str | None) -> tuple[int | None, int | None]:
 def _http_attempt(url: str, part: Path, progress: bool) -> str:
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+    validator = _validator_file(part)
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator.is_file():  # resume only onto the same version of the file
+            headers["If-Range"] = validator.read_text().strip()
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                           timeout=_TIMEOUT_S)
@@ -176,6 +200,15 @@ def _http_attempt(url: str, part: Path, progress: bool) -> str:
 
     digest = hashlib.sha256()
     with response:
+        if response.headers.get_content_type() == "text/html":
+            raise FetchError(
+                f"{url} answered with an HTML page (HTTP {response.status}), not the file: an error "
+                f"or login page. Check the URL in the dataset card, or use a mirror. {_OFFLINE_HINT}")
+        tag = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        if tag and response.status == 200:
+            validator.write_text(tag)
+        elif response.status == 200:
+            validator.unlink(missing_ok=True)
         if offset and response.status == 206:
             start, _ = _content_range(response.headers.get("Content-Range"))
             if start != offset:

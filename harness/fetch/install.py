@@ -8,17 +8,20 @@ that looks complete but is not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.errors import FetchError
+from filelock import FileLock, Timeout
+
+from harness.errors import DatasetError, FetchError
 from harness.fetch.cards import load_card
 from harness.fetch.downloader import download_hashed, file_sha256, is_url, local_path
 from harness.fetch.layout import (MARKER, check_counts, count_layout, format_summary, read_marker,
@@ -27,7 +30,8 @@ from harness.fetch.messages import say
 from harness.fetch.mstc import convert_mstc
 from harness.fetch.mtd import convert_mtd
 from harness.fetch.mvtec import convert_mvtec
-from harness.fetch.unpack import safe_extract
+from harness.fetch.unpack import check_archive, safe_extract
+from harness.manifest import FILE_LIST, damage, write_file_list
 
 MIRROR_ENV = "FLOWAD_MIRROR"
 DOWNLOADS = ".downloads"
@@ -112,7 +116,8 @@ def _obtain(entry: dict, src: _Source, downloads: Path, card: dict, progress: bo
         result = _Obtained(local, digest, downloaded=False)
     else:
         say(f"downloading {entry['filename']} from {url}", progress)
-        path, digest = download_hashed(url, downloads / entry["filename"], expected, progress, retries=2)
+        path, digest = download_hashed(url, downloads / entry["filename"], expected, progress, retries=2,
+                                       check=check_archive if is_archive else None)
         result = _Obtained(path, digest, downloaded=True)
     if not expected:
         say(f"sha256 of {entry['filename']}: {digest} (not pinned in {card['_path']}; add "
@@ -120,46 +125,55 @@ def _obtain(entry: dict, src: _Source, downloads: Path, card: dict, progress: bo
     return result
 
 
-class _Lock:
-    """data_root/.<name>.lock holding the owner's pid: one fetch per dataset at a time."""
+@contextlib.contextmanager
+def _exclusive(path: Path, name: str) -> Iterator[None]:
+    """One fetch per dataset at a time: an OS lock (flock) on data_root/.<name>.lock, released by
+    the kernel when its holder exits, however it exits. The file itself stays (deleting a lock
+    file another process may be opening would break the exclusion)."""
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FetchError(f"another fetch of {name} is running ({path} is locked); wait for it to "
+                         f"finish, then run the command again") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
-    def __init__(self, path: Path):
-        self.path = path
 
-    def __enter__(self) -> _Lock:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._owner_alive():
+def _check_links_inside(build: Path) -> None:
+    """Refuse a link that points outside the install once its class folder has moved into place
+    (extraction checked it against the extraction folder, which held more than the install)."""
+    root = os.path.realpath(build)
+    for folder, dirs, files in os.walk(build):
+        for name in dirs + files:
+            path = Path(folder, name)
+            if path.is_symlink():
+                real = os.path.realpath(path)
+                if not os.path.exists(path) or os.path.commonpath([real, root]) != root:
                     raise FetchError(
-                        f"another fetch is running ({self.path} names a live process); wait for "
-                        f"it, or delete the lock file if that process is not a fetch"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # left by a process that died
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise FetchError(f"cannot take the lock {self.path}")
+                        f"{path.relative_to(build)} in the converted data is a link to "
+                        f"{os.readlink(path)!r}, outside the install (or broken); the source is "
+                        f"unsafe or damaged, nothing was installed"
+                    )
 
-    def _owner_alive(self) -> bool:
-        try:
-            pid = int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return False
-        if pid == os.getpid():
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+def check_install(target: Path, name: str) -> None:
+    """FetchError when an install no longer matches the file list written at install."""
+    try:
+        problems = damage(target)
+    except DatasetError as err:
+        problems = [str(err)]
+    if problems is None:
+        problems = [f"{FILE_LIST} is missing (installed by an older version, or deleted)"]
+    if problems:
+        listed = "\n  - ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise FetchError(
+            f"the install at {target} is damaged ({len(problems)} problem"
+            f"{'s' if len(problems) != 1 else ''}):\n  - {listed}\nReinstall it with "
+            f"`python -m harness fetch {name} --force` (add --source PATH if it came from a local copy)."
+        )
 
 
 def _tidy_leftovers(data_root: Path, name: str, progress: bool) -> None:
@@ -237,7 +251,7 @@ def fetch(
     partial = classes is not None and (fmt == "mstc" or set(classes) != set(card_classes))
 
     data_root.mkdir(parents=True, exist_ok=True)
-    with _Lock(data_root / f".{name}.lock"):
+    with _exclusive(data_root / f".{name}.lock", name):
         _tidy_leftovers(data_root, name, progress)
         marker = read_marker(target)
         compatible = marker is not None and marker.get("key") == _install_key(card)
@@ -245,6 +259,8 @@ def fetch(
             covered = (not marker.get("partial")) if wanted is None else \
                 set(wanted) <= set(marker["classes"])
             if covered:
+                say(f"{name} is already installed; checking its files", progress)
+                check_install(target, name)
                 say(f"{name} is already installed (pass force to reinstall)", progress)
                 say(format_summary(marker, target), progress)
                 return target
@@ -278,6 +294,7 @@ def fetch(
                              move=(raw_root != Path(src.location)), progress=progress)
             for cls in keep:
                 _copy_class_tree(target / cls, build / cls)
+            _check_links_inside(build)
             counts = count_layout(build)
             if wanted is not None:
                 missing = [c for c in wanted if c not in counts]
@@ -295,6 +312,7 @@ def fetch(
                 "notes": notes,
                 "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
+            write_file_list(build)  # what later checks compare the install with
             write_marker(build, record)
             _swap_into_place(build, target)
         finally:
@@ -305,6 +323,7 @@ def fetch(
             for item in obtained.values():
                 if item.downloaded and item.path.parent == downloads:
                     item.path.unlink(missing_ok=True)
+                    item.path.with_name(item.path.name + ".sha256").unlink(missing_ok=True)
             for folder in (downloads, downloads.parent):
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()

@@ -1,14 +1,29 @@
-"""Safe unpacking of tar and zip archives: every member is checked before anything is written."""
+"""Safe unpacking of tar and zip archives: every member is checked before anything is written.
+
+Besides path and link attacks, an archive is refused when it would unpack to more than
+``MAX_ENTRIES`` members, more than ``MAX_BYTES``, more than ``MAX_RATIO`` times its own size
+(a decompression bomb) or more than the free space of the target disk. A truncated or corrupt
+archive is a FetchError, never a traceback.
+"""
 
 from __future__ import annotations
 
+import lzma
 import os
+import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from harness.errors import FetchError
+
+MAX_ENTRIES = 2_000_000  # ShanghaiTech Campus, the largest card, has about 320,000
+MAX_BYTES = 512 << 30
+MAX_RATIO = 1000  # deflate tops out near 1032:1; real datasets of images stay far below
+# What reading a damaged compressed stream raises, by compressor.
+_STREAM_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
 def _member_parts(name: str, archive: Path) -> list[str]:
@@ -61,22 +76,78 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike) -> None:
 
     Every member is checked before anything is written: absolute paths, `..` components, links
     that leave ``target`` or run through other links, members written through a symlink, and
-    device files or fifos are refused with a FetchError naming the member. Tar extraction also
-    uses tarfile's "data" filter where Python has it.
+    device files or fifos are refused with a FetchError naming the member, as are archives over
+    the size limits above. Tar extraction also uses tarfile's "data" filter where Python has it.
     """
     archive, target = Path(archive), Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        _extract_zip(archive, target)
-    elif tarfile.is_tarfile(archive):
-        _extract_tar(archive, target)
-    else:
-        raise FetchError(f"{archive} is neither a tar nor a zip archive (truncated download?)")
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, target)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, target)
+        else:
+            raise FetchError(f"{archive} is neither a tar nor a zip archive (truncated download?)")
+    except FetchError:
+        raise
+    except _STREAM_ERRORS as exc:
+        raise _damaged(archive, exc) from exc
+
+
+def check_archive(archive: str | os.PathLike) -> None:
+    """Read a whole archive without writing anything: FetchError when it is truncated, corrupt,
+    or not an archive at all (an HTML error page saved under the archive's name, say)."""
+    archive = Path(archive)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                bad = zf.testzip()
+                if bad is not None:
+                    raise FetchError(f"{archive}: member {bad!r} fails its CRC check; the archive "
+                                     f"is corrupt. Delete it and download it again.")
+            return
+        if not tarfile.is_tarfile(archive):
+            raise FetchError(f"{archive} is neither a tar nor a zip archive (an error page or a "
+                             f"truncated download?). Delete it and download it again.")
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                if member.isfile():
+                    handle = tar.extractfile(member)
+                    while handle.read(1 << 20):
+                        pass
+    except FetchError:
+        raise
+    except _STREAM_ERRORS as exc:
+        raise _damaged(archive, exc) from exc
+
+
+def _damaged(archive: Path, exc: BaseException) -> FetchError:
+    return FetchError(f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc}); nothing "
+                      f"was installed. Delete it and download it again (or pass a good copy "
+                      f"with --source).")
+
+
+def _check_sizes(archive: Path, target: Path, count: int, total: int) -> None:
+    """Refuse archives over the entry, size and ratio limits, or too big for the target disk."""
+    packed = max(archive.stat().st_size, 1)
+    if count > MAX_ENTRIES:
+        raise FetchError(f"{archive} holds {count} entries, over the limit of {MAX_ENTRIES}; "
+                         f"refusing to extract (raise harness.fetch.unpack.MAX_ENTRIES if it is genuine)")
+    if total > MAX_BYTES or total > MAX_RATIO * packed:
+        raise FetchError(
+            f"{archive} would unpack to {total} bytes from {packed} ({total / packed:.0f}x), over "
+            f"the limits ({MAX_BYTES} bytes, {MAX_RATIO}x): a decompression bomb or a damaged "
+            f"archive; refusing to extract")
+    free = shutil.disk_usage(target).free
+    if total > free:
+        raise FetchError(f"{archive} unpacks to {total} bytes but {target} has {free} free; free "
+                         f"some space or use another --data-root")
 
 
 def _extract_tar(archive: Path, target: Path) -> None:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
+        _check_sizes(archive, target, len(members), sum(m.size for m in members if m.isfile()))
         links = {"/".join(_member_parts(m.name, archive)) for m in members if m.issym()}
         for m in members:
             parts = _member_parts(m.name, archive)
@@ -100,6 +171,7 @@ def _extract_tar(archive: Path, target: Path) -> None:
 def _extract_zip(archive: Path, target: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        _check_sizes(archive, target, len(infos), sum(i.file_size for i in infos))
         is_link = {i.filename: stat.S_ISLNK(i.external_attr >> 16) for i in infos}
         links = {"/".join(_member_parts(i.filename, archive)) for i in infos if is_link[i.filename]}
         link_targets: dict[str, str] = {}
