@@ -18,6 +18,7 @@ Verbs
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -252,4 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in _FOLDER_ERRORS:
+            raise
+        # A read-only or full folder (run folder, MLflow store, data root): say which, not a traceback.
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot write{where}: {err.strerror}. Make the folder writable (or free space), "
+              "or choose another one (--out, --data-root, --tracking-uri).", file=sys.stderr)
+        return 2
     return 0
+
+
+_FOLDER_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)

@@ -237,6 +237,28 @@ def _truncate(text: str, limit: int, what: str) -> str:
 # --------------------------------------------------------------------------- tracker
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def _check_reachable(uri: str) -> None:
+    """An HTTP tracking server that does not answer fails in seconds: MLflow's own retries with
+    backoff take about four minutes to give up."""
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({exc}). Start it, fix the tracking "
+            "URI (MLFLOW_TRACKING_URI or tracking.uri), or turn tracking off for this run."
+        ) from exc
+
+
 class Tracker:
     """One MLflow run, as a context manager.
 
@@ -301,6 +323,7 @@ class Tracker:
         if db_file is not None:
             # A missing folder would make MLflow retry the connection for minutes before failing.
             db_file.parent.mkdir(parents=True, exist_ok=True)
+        _check_reachable(self.uri)
         with self._store_lock(db_file):
             self._open(db_file)
 

@@ -341,6 +341,7 @@ class Trainer:
         logp = self.log_likelihoods()
         labels, masks = self._ground_truth()
         scores = score(logp, self.image_size, self.config.scoring())
+        check_finite(scores, logp, f"{self.spec.method} on {self.spec.class_name}")
         return EvalResult(evaluate_scores(scores, labels, masks), logp, scores, labels, masks)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -513,6 +514,19 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+
+def check_finite(scores: Scores, logp: list[torch.Tensor], what: str) -> None:
+    """TrainingError when scores are NaN or infinite: AUROCs of such scores mean nothing."""
+    bad = int((~torch.isfinite(scores.image)).sum())
+    if bad:
+        low = min(float(m.float().min()) for m in logp)
+        raise TrainingError(
+            f"{bad} of {len(scores.image)} image scores of {what} are not finite although the loss "
+            f"was (lowest stored log-likelihood: {low}; float16 maps hold values down to -65504 "
+            f"only, so the model assigns vanishing likelihoods). The model has diverged: try a lower "
+            f"lr or fewer epochs; no metrics were written."
+        )
 
 
 def evaluate_scores(scores: Scores, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:
