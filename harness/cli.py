@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1: plain `dvc repro`)")
     p.add_argument("--gpus", default="", help="comma-separated GPU ids shared out among the jobs, e.g. 0,1")
     p.add_argument("--project", type=Path, default=Path("."), help="the DVC project folder (default: here)")
+    p.add_argument("--runs-per-gpu", type=int, default=1,
+                   help="training runs sharing one GPU, after a check that their memory fits (default 1)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: on this machine (default); slurm: one SLURM job per run, via submitit")
+    cluster = p.add_argument_group("SLURM (--executor slurm; defaults from params.yaml runtime.slurm)")
+    cluster.add_argument("--partition")
+    cluster.add_argument("--account")
+    cluster.add_argument("--qos")
+    cluster.add_argument("--time", help="time limit per job: minutes, HH:MM:SS or D-HH:MM:SS")
+    cluster.add_argument("--gpus-per-run", type=int)
+    cluster.add_argument("--cpus-per-run", type=int)
+    cluster.add_argument("--mem-per-run", type=float, dest="mem_gb_per_run", help="GB of memory per run")
+    cluster.add_argument("--max-jobs", type=int, help="jobs running at once")
+    cluster.add_argument("--sbatch", action="append", default=None, metavar="OPTION",
+                         help="an extra sbatch option, e.g. --sbatch=--constraint=a100 (repeatable)")
     p.add_argument("--quiet", action="store_true")
 
     # The pipeline's verbs (dvc.yaml stages); settings come from params.yaml.
@@ -127,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default="own", help="a seed of params.yaml `seeds` (own = the method's)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--probe-memory", action="store_true",
+                   help="print the run's peak GPU memory (set-up, one step, one scoring pass) as JSON; no training")
 
     p = verbs.add_parser("rescore", help="the scoring ablations from the reference runs' stored maps")
     p.add_argument("variants", nargs="*", help="variants of params.yaml `ablations.rescore` (default: all)")
@@ -201,7 +218,15 @@ def cmd_repro(args: argparse.Namespace) -> None:
     from harness.repro import reproduce
 
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-    reproduce(args.project, jobs=args.jobs, gpus=gpus, progress=not args.quiet)
+    slurm = {key: getattr(args, key) for key in ("partition", "account", "qos", "time", "gpus_per_run",
+                                                 "cpus_per_run", "mem_gb_per_run", "max_jobs", "sbatch")}
+    if args.executor == "local" and any(v is not None for v in slurm.values()):
+        raise HarnessError("SLURM options (--partition, --time, ...) are for --executor slurm")
+    if args.executor == "slurm" and (args.jobs != 1 or gpus):
+        raise HarnessError("--jobs and --gpus are for the local executor: on SLURM, --max-jobs and "
+                           "--gpus-per-run say how many runs at once and on what")
+    reproduce(args.project, jobs=args.jobs, gpus=gpus, progress=not args.quiet, runs_per_gpu=args.runs_per_gpu,
+              executor=args.executor, slurm=slurm)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -223,6 +248,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         if not args.variant:
             raise ConfigError("run ablation needs --variant (a key of params.yaml ablations.train)")
         run = grid.ablation_run(params, args.variant, args.class_name, args.seed)
+    if args.probe_memory:
+        from harness.packing import probe_memory
+        from harness.train import Trainer
+
+        print(json.dumps(probe_memory(Trainer(grid.run_spec(params, run), grid.run_settings(params, run)))))
+        return
     summary = grid.execute(params, run, resume=args.resume)
     print(json.dumps({"out": str(run.out_dir), "last": summary["last"]}, indent=2, default=float))
 
