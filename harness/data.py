@@ -12,9 +12,11 @@ Images may be PNG, JPEG, BMP or TIFF (MTD keeps its JPEGs). Sub-folders and file
 sorted order, so the i-th sample is the same on every machine. Names starting with a dot are
 ignored everywhere (reader, validation and hash).
 
-Preprocessing follows the reference MSFlow code (specs/msflow.md, section 1): convert to 3 channels
-(greyscale replicated), PIL resize straight to (H, W) with LANCZOS (no aspect keep, no crop),
-ToTensor, ImageNet normalisation. Masks are resized with NEAREST and binarised to {0, 1}.
+Preprocessing is described by a ``Preprocessing`` (how images and masks are resized, the
+normalisation statistics); each method names its reference's. The default follows the reference
+MSFlow code (specs/msflow.md, section 1), which CFlow's matches: convert to 3 channels (greyscale
+replicated), PIL resize straight to (H, W) with LANCZOS (no aspect keep, no crop), ToTensor,
+ImageNet normalisation; masks resized with NEAREST and binarised to {0, 1}.
 
 ``validate_class`` checks a class before anything reads it and reports every problem at once, each
 naming the file at fault and what to do about it.
@@ -27,12 +29,13 @@ import os
 import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
@@ -461,40 +464,118 @@ def read_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """ToTensor + Normalize(ImageNet): uint8 HxWx3 -> float32 [3, H, W]."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+# Image resizing. PIL filters work on the 8-bit image (torchvision's Resize on a PIL image is
+# PIL's bilinear filter, which widens its support when shrinking, i.e. antialiases);
+# "bilinear_antialias" is torchvision's Resize(antialias=True) on the float tensor in [0, 1].
+IMAGE_RESIZE_METHODS = ("lanczos", "bilinear", "bicubic", "bilinear_antialias")
+# Mask resizing: NEAREST on the binary mask, or bilinear on the {0, 1} mask thresholded at 0.5.
+MASK_RESIZE_METHODS = ("nearest", "bilinear")
+_PIL_FILTERS = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+MASK_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image and its mask become tensors: the resize method of each, and the per-channel
+    normalisation statistics. ``key()`` names everything the tensors depend on apart from the
+    file and the size, for caches."""
+
+    image_resize: str = "lanczos"
+    mask_resize: str = "nearest"
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.image_resize not in IMAGE_RESIZE_METHODS:
+            raise ConfigError(f"image_resize={self.image_resize!r} is not known; use one of {IMAGE_RESIZE_METHODS}")
+        if self.mask_resize not in MASK_RESIZE_METHODS:
+            raise ConfigError(f"mask_resize={self.mask_resize!r} is not known; use one of {MASK_RESIZE_METHODS}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(
+                f"normalisation mean={self.mean} std={self.std}: give three values each (R, G, B), "
+                "the standard deviations positive"
+            )
+
+    def key(self) -> str:
+        mean = ",".join(f"{v:g}" for v in self.mean)
+        std = ",".join(f"{v:g}" for v in self.std)
+        return f"image={self.image_resize}|mask={self.mask_resize}|mean={mean}|std={std}"
+
+
+DEFAULT_PREPROCESSING = Preprocessing()
+
+
+def image_to_tensor(image: Image.Image, preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> torch.Tensor:
+    """ToTensor + Normalize: uint8 HxWx3 -> float32 [3, H, W]."""
+    return normalise(to_unit_tensor(image), preprocessing)
+
+
+def to_unit_tensor(image: Image.Image) -> torch.Tensor:
+    """ToTensor: uint8 HxWx3 -> float32 [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def normalise(pixels: torch.Tensor, preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> torch.Tensor:
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(3, 1, 1)
     return (pixels - mean) / std
 
 
-def load_image(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """Read, resize straight to (H, W) with LANCZOS (None keeps the native size), normalise."""
-    image = read_rgb(path)
-    if image_size is not None and image.size != (image_size[1], image_size[0]):
-        image = image.resize((image_size[1], image_size[0]), Image.LANCZOS)
-    return image_to_tensor(image)
+def resize_image(image: Image.Image, image_size: tuple[int, int] | None, method: str = "lanczos") -> torch.Tensor:
+    """An 8-bit RGB image resized straight to (H, W) (None keeps the native size), as a float32
+    [3, H, W] tensor in [0, 1] (not normalised)."""
+    if image_size is None or image.size == (image_size[1], image_size[0]):
+        return to_unit_tensor(image)
+    if method == "bilinear_antialias":
+        pixels = to_unit_tensor(image)[None]
+        return F.interpolate(pixels, size=tuple(image_size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return to_unit_tensor(image.resize((image_size[1], image_size[0]), _PIL_FILTERS[method]))
 
 
-def load_mask(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """Read a mask (non-zero = defect), resize with NEAREST, return float32 [1, H, W] in {0, 1}."""
+def load_image(path: Path, image_size: tuple[int, int] | None,
+               preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> torch.Tensor:
+    """Read, resize straight to (H, W) (None keeps the native size), normalise."""
+    return normalise(resize_image(read_rgb(path), image_size, preprocessing.image_resize), preprocessing)
+
+
+def load_mask(path: Path, image_size: tuple[int, int] | None, method: str = "nearest") -> torch.Tensor:
+    """Read a mask (non-zero = defect), resize with ``method`` (NEAREST, or bilinear on {0, 1}
+    then > 0.5), return float32 [1, H, W] in {0, 1}."""
     with Image.open(path) as mask:
         values = np.asarray(mask)
     if values.ndim == 3:  # RGB(A) mask: any non-zero colour channel marks a defect
         values = values[..., :3].max(axis=-1)
-    binary = Image.fromarray(np.where(values != 0, 255, 0).astype(np.uint8), mode="L")
-    if image_size is not None and binary.size != (image_size[1], image_size[0]):
-        binary = binary.resize((image_size[1], image_size[0]), Image.NEAREST)
-    return torch.from_numpy(np.asarray(binary) != 0).to(torch.float32).unsqueeze(0)
+    binary = values != 0
+    if image_size is not None and binary.shape != tuple(image_size):
+        if method == "bilinear":
+            resized = F.interpolate(torch.from_numpy(binary).to(torch.float32)[None, None], size=tuple(image_size),
+                                    mode="bilinear", align_corners=False, antialias=True)[0, 0]
+            return (resized > MASK_THRESHOLD).to(torch.float32).unsqueeze(0)
+        pil = Image.fromarray(np.where(binary, 255, 0).astype(np.uint8), mode="L")
+        binary = np.asarray(pil.resize((image_size[1], image_size[0]), Image.NEAREST)) != 0
+    return torch.from_numpy(binary).to(torch.float32).unsqueeze(0)
+
+
+def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Binary masks [N, H, W] at another size: bilinear (align_corners False), then > 0.5, as
+    U-Flow's evaluation brings its masks to 256. The same size returns the masks unchanged."""
+    masks = np.asarray(masks, dtype=bool)
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    resized = F.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None], size=tuple(size), mode="bilinear",
+                            align_corners=False)[:, 0]
+    return (resized > MASK_THRESHOLD).numpy()
 
 
 class AnomalyDataset(Dataset):
     """Images, labels and masks of one class and split of an MVTec-layout dataset.
 
-    ``image_size`` is (H, W) (an int means square; None keeps each image's native size).
-    Items are dicts: image float32 [3, H, W] (ImageNet-normalised), label int (0 good, 1 defect),
-    mask float32 [1, H, W] in {0, 1} (all zeros for good images), path str.
+    ``image_size`` is (H, W) (an int means square; None keeps each image's native size);
+    ``preprocessing`` says how images and masks are resized and normalised (default: LANCZOS,
+    NEAREST, ImageNet statistics). Items are dicts: image float32 [3, H, W] (normalised), label
+    int (0 good, 1 defect), mask float32 [1, H, W] in {0, 1} (all zeros for good images), path str.
     """
 
     def __init__(
@@ -504,6 +585,7 @@ class AnomalyDataset(Dataset):
         split: Split,
         image_size: int | tuple[int, int] | None,
         validate: bool = True,
+        preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -511,6 +593,7 @@ class AnomalyDataset(Dataset):
         self.class_name = class_name
         self.split = split
         self.image_size = _as_size(image_size)
+        self.preprocessing = preprocessing
         if validate:
             validate_class(self.root, class_name)
         self.records: list[ImageRecord] = index_split(self.root, class_name, split)
@@ -525,11 +608,11 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         try:
-            image = load_image(record.path, self.image_size)
+            image = load_image(record.path, self.image_size, self.preprocessing)
             if record.mask is None:
                 mask = torch.zeros(1, *image.shape[1:], dtype=torch.float32)
             else:
-                mask = load_mask(record.mask, (image.shape[1], image.shape[2]))
+                mask = load_mask(record.mask, (image.shape[1], image.shape[2]), self.preprocessing.mask_resize)
         except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for broken files
             raise DatasetError(
                 f"Cannot read {record.path} or its mask {record.mask} ({error}): run "

@@ -208,12 +208,12 @@ def run_spec(params: dict[str, Any], run: GridRun) -> RunSpec:
                    out_dir=run.out_dir, overrides=run.overrides, dataset=run.dataset)
 
 
-def method_config(spec: RunSpec) -> Any:
-    """The config a run trains with (as the loop builds it)."""
+def method_config(spec: RunSpec, seed: int | None = None) -> Any:
+    """The config a run trains with (as the loop builds it, with the run seed)."""
     from harness.train import Trainer
     from methods.registry import create_method
 
-    return create_method(spec.method, **Trainer._class_settings(spec))
+    return create_method(spec.method, **Trainer._class_settings(spec, seed))
 
 
 def _matches(out_dir: Path, spec: RunSpec, settings: RunSettings) -> bool:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from harness import checkpoint as ckpt
 from harness import metrics as M
 from harness.config import DISPLAY_SETTINGS, RunSettings, RunSpec, to_dict
-from harness.data import AnomalyDataset, dataset_hash
+from harness.data import AnomalyDataset, dataset_hash, resize_masks
 from harness.errors import ConfigError, HarnessError, TrainingError
 from harness.manifest import check_installed
 from harness.scoring import Scores, score
@@ -50,6 +50,9 @@ TRACKING_ID = "tracking_run_id.txt"
 RUN_FILES = (CHECKPOINT, METRICS, RECORD, MAPS, TRACKING_ID)
 # Metrics where higher is better, in the order tables show them.
 EVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "aupro_code")
+# One resolution for every method's mIoU and its fair threshold, so that the thresholds mean the
+# same (U-Flow's evaluation size).
+MIOU_SIZE = (256, 256)
 
 
 # --------------------------------------------------------------------------- small utilities
@@ -153,7 +156,8 @@ class EvalResult:
     log_likelihoods: list[torch.Tensor]  # per scale [N, h, w], float16, on cpu
     scores: Scores
     labels: np.ndarray
-    masks: np.ndarray
+    masks: np.ndarray  # at the metric size
+    log_likelihoods_float32: list[torch.Tensor] | None = None  # the same maps before float16 storage
 
 
 @dataclass
@@ -177,9 +181,11 @@ class Trainer:
     def __init__(self, spec: RunSpec, settings: RunSettings | None = None, tracker: Any = None):
         self.spec = spec
         self.settings = settings or RunSettings()
-        self.config = create_method(spec.method, **self._class_settings(spec))
+        self.config = create_method(spec.method, **self._class_settings(spec, self.settings.seed))
         self.device = resolve_device(self.settings.device)
-        self.seed = self.settings.seed if self.settings.seed is not None else self.config.seed
+        # One seed for the whole run: flow initialisation and permutations (the config's seed) and
+        # the data order and augmentation (seed_everything below).
+        self.seed = self.config.seed
         self.epochs = self.settings.epochs or self.config.epochs
         self.eval_every = self.settings.eval_every or self.config.eval_every
         for name, value in (("epochs", self.epochs), ("eval_every", self.eval_every)):
@@ -189,6 +195,8 @@ class Trainer:
                     f"positive number of epochs (check meta_epochs, sub_epochs, epochs and eval_every)"
                 )
         self.image_size = tuple(self.config.input_size_for(spec.class_name))
+        self.preprocessing = self.config.preprocessing()
+        self.metric_size = tuple(getattr(self.config, "metric_size", None) or self.image_size)
         use_cache = self.settings.feature_cache
         self.feature_cache = (not self.config.augment) if use_cache is None else use_cache
         if self.feature_cache and self.config.augment:
@@ -200,12 +208,20 @@ class Trainer:
         self.out = spec.out_dir
 
     @staticmethod
-    def _class_settings(spec: RunSpec) -> dict[str, Any]:
+    def _class_settings(spec: RunSpec, seed: int | None = None) -> dict[str, Any]:
         """Overrides plus the class, for methods whose official settings differ per class
-        (U-Flow's per-class learning rates, batches and epochs: the ``tuned_class`` field)."""
+        (U-Flow's per-class learning rates, batches and epochs: the ``tuned_class`` field), plus
+        the run seed, which replaces the method's own default seed (None keeps it)."""
         from methods.registry import config_fields
 
         overrides = dict(spec.overrides)
+        if seed is not None:
+            if "seed" in overrides and overrides["seed"] != seed:
+                raise ConfigError(
+                    f"{spec.method}: the method setting seed={overrides['seed']} and the run seed {seed} differ; "
+                    "give the seed once (the run seed: --seed or params.yaml `seeds`)"
+                )
+            overrides["seed"] = seed
         if "tuned_class" in config_fields(spec.method):
             overrides.setdefault("tuned_class", spec.class_name)
         return overrides
@@ -223,8 +239,9 @@ class Trainer:
         check_installed(root, [cls], repair=(
             f"Nothing was trained. Reinstall the data: `python -m harness fetch {root.name} --data-root "
             f"{root.parent} --force` (or `generate --out {root}` for the embedded set)."))
-        self.train_set = AnomalyDataset(root, cls, "train", self.image_size)
-        self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False)
+        self.train_set = AnomalyDataset(root, cls, "train", self.image_size, preprocessing=self.preprocessing)
+        self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False,
+                                       preprocessing=self.preprocessing)
         if self.drop_last and len(self.train_set) < self.config.batch_size:
             raise ConfigError(
                 f"{self.spec.method} drops a partial last batch (drop_last=true, as its reference does), and "
@@ -308,12 +325,17 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def log_likelihoods(self, split: str = "test") -> list[torch.Tensor]:
         """Per-scale log-likelihood maps of a split, float16 on cpu (what maps.npz stores).
 
         Metrics are computed from these float16 maps, so re-scoring a stored run gives exactly the
         figures it reported."""
+        return [m.half() for m in self.log_likelihoods_float32(split)]
+
+    @torch.no_grad()
+    def log_likelihoods_float32(self, split: str = "test") -> list[torch.Tensor]:
+        """The same maps in float32, before storage rounding (what a method's own metrics, such as
+        U-Flow's NFA, are computed from: float16 ties change its region tree)."""
         self.model.eval()
         dataset, cached = (self.test_set, "test_features") if split == "test" else (self.train_set, "train_features")
         parts: list[list[torch.Tensor]] = []
@@ -327,22 +349,25 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
                 out = self.model(features)
             self.latent_channels = [z.shape[1] for z in out.latents]
-            parts.append([m.float().half().cpu() for m in self.model.log_likelihood_maps(out)])
+            parts.append([m.float().cpu() for m in self.model.log_likelihood_maps(out)])
         return [torch.cat(scale) for scale in zip(*parts)]
 
     def _ground_truth(self) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and masks at the metric size (masks at the input size, resized as the method's
+        reference does: bilinear, then > 0.5)."""
         if not hasattr(self, "_gt"):
             labels = np.array([r.label for r in self.test_set.records])
             masks = np.stack([self.test_set[i]["mask"][0].numpy() > 0.5 for i in range(len(self.test_set))])
-            self._gt = (labels, masks)
+            self._gt = (labels, resize_masks(masks, self.metric_size))
         return self._gt
 
     def evaluate(self) -> EvalResult:
-        logp = self.log_likelihoods()
+        exact = self.log_likelihoods_float32()
+        logp = [m.half() for m in exact]
         labels, masks = self._ground_truth()
-        scores = score(logp, self.image_size, self.config.scoring())
+        scores = score(logp, self.metric_size, self.config.scoring())
         check_finite(scores, logp, f"{self.spec.method} on {self.spec.class_name}")
-        return EvalResult(evaluate_scores(scores, labels, masks), logp, scores, labels, masks)
+        return EvalResult(evaluate_scores(scores, labels, masks), logp, scores, labels, masks, exact)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -428,7 +453,8 @@ class Trainer:
         remove_partial_writes(self.out, RUN_FILES)
         record = run_record(
             config={"method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
-                    "method_config": to_dict(self.config), "settings": to_dict(self.settings),
+                    "method_config": to_dict(self.config),
+                    "settings": {**to_dict(self.settings), "seed": self.seed}, "seed": self.seed,
                     "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every},
             data_hash=self.data_hash, seed=self.seed, device=str(self.device),
         )
@@ -472,21 +498,25 @@ class Trainer:
         return summary
 
     def _final_metrics(self, result: EvalResult) -> dict[str, float]:
-        """Metrics computed once, on the final model: mIoU at the "fair" threshold (one false
-        positive pixel per training image, U-Flow's protocol for methods without their own
-        threshold) and at the oracle threshold, plus any metric the method defines itself."""
+        """Metrics computed once, on the final model: mIoU of the likelihood map at the "fair"
+        threshold (one false positive pixel per training image, U-Flow's protocol for methods
+        without their own threshold) and at the oracle threshold, both at MIOU_SIZE for every
+        method, plus any metric the method defines itself (from the float32 maps)."""
         metrics = dict(result.metrics)
         if not result.masks.any():
             return metrics
-        train_maps = score(self.log_likelihoods("train"), self.image_size, self.config.scoring()).pro_map
+        scoring = self.config.scoring()
+        train_maps = score(self.log_likelihoods("train"), MIOU_SIZE, scoring).pro_map
+        test_maps = (result.scores.pro_map if self.metric_size == MIOU_SIZE
+                     else score(result.log_likelihoods, MIOU_SIZE, scoring).pro_map).numpy()
+        masks = resize_masks(result.masks, MIOU_SIZE)
         threshold = M.fair_threshold(train_maps.numpy())
         metrics["fair_threshold"] = threshold
-        metrics["miou_fair"] = M.miou(result.masks, result.scores.pro_map.numpy(), threshold)
-        metrics["miou_oracle"], metrics["oracle_threshold"] = M.best_miou(
-            result.masks, result.scores.pro_map.numpy())
+        metrics["miou_fair"] = M.miou(masks, test_maps, threshold)
+        metrics["miou_oracle"], metrics["oracle_threshold"] = M.best_miou(masks, test_maps)
         if hasattr(self.config, "extra_metrics"):
-            metrics.update(self.config.extra_metrics(result.log_likelihoods, self.latent_channels,
-                                                     result.masks, self.image_size))
+            metrics.update(self.config.extra_metrics(result.log_likelihoods_float32, self.latent_channels,
+                                                     result.masks, self.metric_size))
         return metrics
 
     def _finish(self, result: EvalResult, history: History) -> dict[str, Any]:
@@ -579,8 +609,10 @@ def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset) -> 
     defect = np.flatnonzero(result.labels == 1)[:6]
     good = np.flatnonzero(result.labels == 0)[:2]
     picks = [int(i) for i in np.concatenate([defect, good])]
-    images = torch.stack([dataset[i]["image"] for i in picks])
-    paths.append(image_grid_png(images, result.masks[picks], result.scores.pixel_map[picks].numpy(),
+    items = [dataset[i] for i in picks]
+    images = torch.stack([item["image"] for item in items])
+    masks = np.stack([item["mask"][0].numpy() > 0.5 for item in items])  # at the image's size
+    paths.append(image_grid_png(images, masks, result.scores.pixel_map[picks].numpy(),
                                 folder / "anomaly_maps.png"))
     return paths
 
@@ -626,12 +658,14 @@ def rescore_many(spec: RunSpec, scorings: Sequence[Any]) -> list[dict[str, float
         raise HarnessError(f"{path} not found; train the run first (it is written at the end of training)")
     trainer = Trainer(spec, RunSettings(tracking=False, progress=False))
     stored = load_maps(path)
-    test_set = AnomalyDataset(spec.data_root, spec.class_name, "test", trainer.image_size, validate=False)
+    test_set = AnomalyDataset(spec.data_root, spec.class_name, "test", trainer.image_size, validate=False,
+                              preprocessing=trainer.preprocessing)
     class_dir = spec.data_root / spec.class_name
     if [str(Path(r.path).relative_to(class_dir)) for r in test_set.records] != stored.paths:
         raise HarnessError(f"{path} was made from another test set than {class_dir}; the data changed")
     masks = np.stack([test_set[i]["mask"][0].numpy() > 0.5 for i in range(len(test_set))])
-    return [evaluate_scores(score(stored.log_likelihoods, trainer.image_size, scoring or trainer.config.scoring()),
+    masks = resize_masks(masks, trainer.metric_size)
+    return [evaluate_scores(score(stored.log_likelihoods, trainer.metric_size, scoring or trainer.config.scoring()),
                             stored.labels, masks) for scoring in scorings]
 
 
