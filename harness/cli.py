@@ -13,6 +13,7 @@ Verbs
   run PART          train one run of the experiment grid in params.yaml (a dvc.yaml stage)
   rescore           the scoring ablations: re-score the reference runs' stored maps
   tables            every table (CSV, LaTeX, Markdown) from the runs and the published figures
+  figures           per class a map grid with one row per method, and every run's curve data
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("tables", help="write every table from the runs and the published figures")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--out", type=Path, default=None, help="default: params.yaml paths.tables")
+
+    p = verbs.add_parser("figures", help="per class a map grid with one row per method; curve data for DVC")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser
 
 
@@ -178,9 +182,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from harness.data import index_split, list_classes, validate_class
+    from harness.data import index_split, require_classes, validate_class
 
-    for name in args.classes or list_classes(args.root):
+    for name in args.classes or require_classes(args.root):
         validate_class(args.root, name)
         n_train, n_test = (len(index_split(args.root, name, s)) for s in ("train", "test"))
         print(f"{name}: ok ({n_train} train, {n_test} test images)")
@@ -272,9 +276,16 @@ def cmd_tables(args: argparse.Namespace) -> None:
     print(f"{len(written)} tables written to {written[0].parent if written else args.out}")
 
 
+def cmd_figures(args: argparse.Namespace) -> None:
+    from harness import grid
+
+    written = grid.figures(grid.load(args.params))
+    print(f"{len(written)} figure and curve files written")
+
+
 COMMANDS = {"fetch": cmd_fetch, "generate": cmd_generate, "validate": cmd_validate, "train": cmd_train,
             "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "repro": cmd_repro, "prepare": cmd_prepare,
-            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables}
+            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables, "figures": cmd_figures}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,6 +113,29 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     ]
 
 
+def require_classes(root: str | os.PathLike) -> list[str]:
+    """``list_classes``, or a DatasetError saying what a dataset root holds, what this folder
+    holds instead, and which folder was probably meant."""
+    root = Path(root)
+    classes = list_classes(root)
+    if classes:
+        return classes
+    expected = f"{root} holds no class folder. A dataset root holds one folder per class. {LAYOUT_HINT}"
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        raise DatasetError(f"{expected} {root} itself looks like a class folder (it has train/ or test/); "
+                           f"did you mean `flowad validate {root.parent} --classes {root.name}`?")
+    below = [d for d in _subfolders(root) if list_classes(d)]
+    if below:
+        meant = " or ".join(f"`flowad validate {d}`" for d in below[:3])
+        raise DatasetError(f"{expected} This looks like the parent of a dataset ({', '.join(d.name for d in below)} "
+                           f"hold class folders); did you mean {meant}?")
+    if any((root / name).exists() for name in ("metrics.json", "record.json", "main", "ablations", "rescored")):
+        raise DatasetError(f"{expected} {root} looks like a folder of training runs, not a dataset; "
+                           "datasets are under datasets/<name>/ (or demo/data/<name>/ for the demo).")
+    found = ", ".join(p.name for p in _visible_entries(root)[:8]) or "nothing (it is empty)"
+    raise DatasetError(f"{expected} Found: {found}. Fetch a dataset (`flowad fetch NAME`) or point at its folder.")
+
+
 def _class_dir(root: Path, class_name: str) -> Path:
     """The class folder, or a DatasetError that lists the classes that do exist."""
     _require_root(root)

@@ -275,6 +275,12 @@ def _end_tracking(out_dir: Path, settings: RunSettings, status: str) -> None:
     tracker.end(status)
 
 
+def labels(params: dict[str, Any], run: GridRun) -> dict[str, Any]:
+    """What a run is in the grid, for its MLflow tags and name."""
+    return {"protocol": run.protocol, "variant": run.variant or "default",
+            "demo": params.get("profile") == "demo", "part": run.part}
+
+
 def execute(params: dict[str, Any], run: GridRun, resume: bool = True) -> dict[str, Any]:
     """Train one run of the grid (the body of a dvc.yaml run stage) and write its cost.json.
 
@@ -291,7 +297,7 @@ def execute(params: dict[str, Any], run: GridRun, resume: bool = True) -> dict[s
         if run.out_dir.exists() and (run.finished or not resume or not _matches(run.out_dir, spec, settings)):
             _end_tracking(run.out_dir, settings, "KILLED")  # its MLflow run would stay RUNNING
             shutil.rmtree(run.out_dir)
-        summary = run_training(spec, settings, resume=resume)
+        summary = run_training(spec, settings, resume=resume, labels=labels(params, run))
     cost = method_info(run.method, spec.overrides, class_name=run.class_name)
     atomic_write_json(run.out_dir / COST, cost)
     if not (params.get("runtime") or {}).get("keep_checkpoints", True):
@@ -325,14 +331,39 @@ def rescore(params: dict[str, Any], variants: list[str] | None = None) -> list[P
                     raise ConfigError(f"ablations.rescore.{variant}.set: {err}; use ScoringSpec fields "
                                       "(image_aggregation, pixel_aggregation, pro_aggregation, top_k, ...)") from err
             for variant, scoring, metrics in zip(variants, scorings, rescore_many(spec, scorings)):
-                out = rescored_run(params, variant, class_name, seed).out_dir
-                atomic_write_json(out / "metrics.json", {
+                run = rescored_run(params, variant, class_name, seed)
+                atomic_write_json(run.out_dir / "metrics.json", {
                     "method": reference.method, "dataset": reference.dataset, "class": class_name,
                     "seed": seed, "variant": variant, "scoring": dataclasses.asdict(scoring),
                     "rescored_from": str(reference.out_dir), "last": metrics, "best": {}, "history": [],
                 })
-                written.append(out)
+                _track_rescored(params, run, reference, scoring, metrics)
+                written.append(run.out_dir)
     return written
+
+
+def _track_rescored(params: dict[str, Any], run: GridRun, reference: GridRun, scoring: Any,
+                    metrics: dict[str, float]) -> None:
+    """A re-scored variant as an MLflow run of its own, beside the retrained ablations: its
+    scoring as params, its metrics, and the reference run's record (code, data, weights)."""
+    from harness.tracking import Tracker, default_tracking_uri, run_name
+
+    settings = run_settings(params, run)
+    if not settings.tracking:
+        return
+    record_path = reference.out_dir / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    seed = record.get("seed", run.seed)
+    tags = {**labels(params, run), "part": "rescored", "rescored_from": str(reference.out_dir), "seed": seed}
+    tags["demo"] = str(tags["demo"]).lower()
+    with Tracker(uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
+                 run_name=run_name(run.method, run.dataset, run.class_name, f"rescored:{run.variant}", seed),
+                 tags=tags) as tracker:
+        tracker.log_params({"method": run.method, "dataset": run.dataset, "class": run.class_name,
+                            "scoring": dataclasses.asdict(scoring)})
+        if record:
+            tracker.log_record(record)
+        tracker.log_metrics(metrics, step=0)
 
 
 def prepare_dataset(name: str, data_root: Path) -> Path:
@@ -344,3 +375,91 @@ def prepare_dataset(name: str, data_root: Path) -> Path:
     from harness.fetch import fetch
 
     return fetch(name, data_root=data_root)
+
+
+# --------------------------------------------------------------------------- figures stage
+
+
+def run_key(run: GridRun) -> str:
+    """A run's name in file names: ``official-embedded-msflow-washer-seed-0``."""
+    what = run.protocol if not run.variant else run.variant
+    return f"{what}-{run.dataset}-{run.method}-{run.class_name}-seed-{run.seed}"
+
+
+def figures(params: dict[str, Any]) -> list[Path]:
+    """The pipeline's figures: per class and protocol, one map grid with a row per method, from
+    the finished runs' stored maps (``paths.figures``, PNG and PDF); and every finished run's ROC
+    and PRO curve data (``paths.plots``/roc, /pro; CSV), which ``dvc plots`` shows."""
+    from harness.figures import class_figure
+
+    figures_dir, plots_dir = Path(_get(params, "paths.figures")), Path(_get(params, "paths.plots"))
+    for folder in (figures_dir, plots_dir):
+        if folder.exists():
+            shutil.rmtree(folder)  # a stage output: written whole, nothing stale left behind
+    written: list[Path] = []
+    groups: dict[tuple, list[GridRun]] = {}
+    for run in [*main_runs(params), *(r for r in ablation_runs(params) if r.variant in
+                                      (_get(params, "ablations").get("train") or {}))]:
+        if not run.finished:
+            continue
+        for curve in ("roc_image", "pro_curve"):
+            source = run.out_dir / "artifacts" / f"{curve}.csv"
+            if source.exists():
+                target = plots_dir / curve.split("_")[0] / f"{run_key(run)}.csv"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+                written.append(target)
+        if run.part == "main":
+            groups.setdefault((run.protocol, run.dataset, run.class_name, run.seed), []).append(run)
+    for (protocol, dataset, class_name, seed), runs in groups.items():
+        panels = _class_panels(params, runs)
+        if panels is None:
+            continue
+        images, masks, captions, methods = panels
+        label = (params.get("datasets", {}).get(dataset) or {}).get("label", dataset)
+        title = f"{label} / {class_name}, {protocol} protocol, seed {seed}"
+        if params.get("profile") == "demo":
+            title += " (demo: generated data, random weights)"
+        written += class_figure(images, masks, captions, methods,
+                                figures_dir / f"{protocol}-{dataset}-{class_name}-seed-{seed}", title=title,
+                                by_format=True)
+    return written
+
+
+def _class_panels(params: dict[str, Any], runs: list[GridRun]):
+    """The test images of one class, sampled across defect types, and each run's maps of them."""
+    import numpy as np
+
+    from harness.data import AnomalyDataset
+    from harness.figures import Sample, normalise, sample_across_defects
+    from harness.scoring import score
+    from harness.train import MAPS, METRICS, Trainer, load_maps
+
+    methods: dict[str, list[Any]] = {}
+    picks = test_set = None
+    for run in runs:
+        spec = run_spec(params, run)
+        if not (run.out_dir / MAPS).exists():
+            continue
+        trainer = Trainer(spec, RunSettings(tracking=False, progress=False, device="cpu"))
+        stored = load_maps(run.out_dir / MAPS)
+        scores = score(stored.log_likelihoods, trainer.image_size, trainer.config.scoring())
+        threshold = json.loads((run.out_dir / METRICS).read_text())["last"].get("fair_threshold")
+        if test_set is None:
+            # the images at the first run's resolution; every map is resized to it when drawn
+            test_set = AnomalyDataset(spec.data_root, run.class_name, "test", trainer.image_size, validate=False)
+            picks = sample_across_defects([r.defect for r in test_set.records])
+        maps = scores.pro_map.float().numpy()
+        scale = normalise(maps)
+        image_scores = scores.image.float().numpy()
+        methods[run.method] = [
+            Sample(image=None, mask=None, anomaly_map=scale[i],
+                   predicted=None if threshold is None else maps[i] > threshold, defect="", name="",
+                   score=float(image_scores[i])) for i in picks]
+    if not methods:
+        return None
+    items = [test_set[i] for i in picks]
+    images = [item["image"] for item in items]
+    masks = [item["mask"][0].numpy() for item in items]
+    captions = [f"{test_set.records[i].defect}\n{Path(test_set.records[i].path).name}" for i in picks]
+    return images, masks, captions, methods

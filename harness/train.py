@@ -525,8 +525,15 @@ class Trainer:
                   self.latent_channels)
         final = self._final_metrics(result)
         if self.tracker is not None:
-            self.tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=self.epochs)
-        artifacts = write_figures(self.out / "artifacts", result, self.test_set) if self.settings.figures else []
+            # The last epoch's row is logged already; what only the final model has (mIoU, the
+            # thresholds, a method's own metrics) is added at that step, and the per-metric best
+            # epochs, which the papers report, under their own names.
+            logged = history.epochs[-1] if history.epochs and history.epochs[-1]["epoch"] == self.epochs else {}
+            self.tracker.log_metrics({k: v for k, v in final.items() if k not in logged}, step=self.epochs)
+            self.tracker.log_metrics(best_metrics(history.best), step=self.epochs)
+        artifacts = write_figures(self.out / "artifacts", result, self.test_set, final.get("fair_threshold"),
+                                  title=f"{self.spec.method} {self.spec.dataset}/{self.spec.class_name}") \
+            if self.settings.figures else []
         summary = {
             "method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
             "epochs": self.epochs, "last": final,
@@ -535,8 +542,9 @@ class Trainer:
             "identity": self.run_identity(),
         }
         if self.tracker is not None:
-            for path in [self.out / RECORD, *artifacts]:
-                self.tracker.log_artifact(path)
+            self.tracker.log_artifact(self.out / RECORD)
+            for path in artifacts:
+                self.tracker.log_artifact(path, artifact_path="figures")
         atomic_write_json(self.out / METRICS, summary)  # last: its presence marks a complete run
         if self.tracker is not None:
             self.tracker.log_artifact(self.out / METRICS)
@@ -597,44 +605,50 @@ def load_maps(path: Path) -> StoredMaps:
         return StoredMaps(logp, data["labels"], list(data["paths"]), data["channels"].tolist())
 
 
-def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset) -> list[Path]:
-    from harness.tracking import image_grid_png, pro_curve_png, roc_curve_png
+def best_metrics(best: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"image_auroc": {"value": v, "epoch": e}}`` -> ``{"best_image_auroc": v,
+    "best_image_auroc_epoch": e}``: the per-metric best epochs as metrics of their own."""
+    out: dict[str, float] = {}
+    for name, entry in best.items():
+        out[f"best_{name}"] = entry["value"]
+        out[f"best_{name}_epoch"] = entry["epoch"]
+    return out
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [roc_curve_png(result.labels, result.scores.image.numpy(), folder / "roc_image.png")]
-    if result.masks.any():
-        fpr, pro = M.pro_curve(result.masks, result.scores.pro_map.numpy())
-        paths.append(pro_curve_png(fpr, pro, folder / "pro_curve.png"))
-    # A few defective and a few good images, so the grid shows both kinds of error.
-    defect = np.flatnonzero(result.labels == 1)[:6]
-    good = np.flatnonzero(result.labels == 0)[:2]
-    picks = [int(i) for i in np.concatenate([defect, good])]
-    items = [dataset[i] for i in picks]
-    images = torch.stack([item["image"] for item in items])
-    masks = np.stack([item["mask"][0].numpy() > 0.5 for item in items])  # at the image's size
-    paths.append(image_grid_png(images, masks, result.scores.pixel_map[picks].numpy(),
-                                folder / "anomaly_maps.png"))
-    return paths
+
+def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset, threshold: float | None,
+                  title: str = "") -> list[Path]:
+    """ROC and PRO curves (PNG, PDF, CSV) and the map grid of a run (harness.figures)."""
+    from harness.figures import run_figures
+
+    return run_figures(folder, result.labels, result.scores.image, result.scores.pro_map, result.masks,
+                       threshold, dataset, title=title)
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: bool = False) -> dict[str, Any]:
+def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: bool = False,
+                 labels: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one run with MLflow tracking; ``resume`` continues an interrupted run
-    in the same MLflow run."""
-    from harness.tracking import Tracker, default_tracking_uri
+    in the same MLflow run. ``labels``: what the run is in the experiment grid (protocol, variant,
+    demo), as MLflow tags and in the run name."""
+    from harness.tracking import Tracker, default_tracking_uri, run_name
 
     settings = settings or RunSettings()
+    labels = {"protocol": "none", "variant": _variant_of(spec), "demo": False, **(labels or {})}
     trainer = Trainer(spec, settings)
     trainer._check_out_dir(resume)
     if resume and (spec.out_dir / METRICS).exists():
         return json.loads((spec.out_dir / METRICS).read_text())
     id_file = spec.out_dir / TRACKING_ID
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+    seed = settings.seed if settings.seed is not None else trainer.config.seed
+    name_variant = labels["protocol"] if labels["variant"] == "default" else labels["variant"]
     tracker = Tracker(
         uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
-        run_name=f"{spec.method}/{spec.dataset}/{spec.class_name}", enabled=settings.tracking, run_id=run_id,
+        run_name=run_name(spec.method, spec.dataset, spec.class_name, name_variant, seed),
+        enabled=settings.tracking, run_id=run_id,
+        tags={**labels, "demo": str(bool(labels["demo"])).lower(), "seed": seed},
     )
     with tracker:
         if tracker.run_id is not None:
@@ -642,6 +656,13 @@ def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: boo
             atomic_write_bytes(id_file, lambda f: f.write(tracker.run_id.encode()))
         trainer.tracker = tracker
         return trainer.fit(resume)
+
+
+def _variant_of(spec: RunSpec) -> str:
+    """A run outside the grid is named by its overrides (``pool=max``), or ``default``."""
+    if not spec.overrides:
+        return "default"
+    return ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(spec.overrides.items()))
 
 
 def rescore_maps(spec: RunSpec, scoring: Any = None) -> dict[str, float]:
