@@ -177,6 +177,7 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
         epochs=loop.get("epochs"),
         eval_every=loop.get("eval_every"),
         pretrained=bool(runtime.get("pretrained", True)),
+        weights=dict(runtime.get("weights") or {}),
         progress=bool(runtime.get("progress", False)),
         tracking=bool(tracking.get("enabled", True)),
         tracking_uri=tracking.get("uri"),
