@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,6 +111,29 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     return [
         d.name for d in _subfolders(root) if (d / "train").is_dir() or (d / "test").is_dir()
     ]
+
+
+def require_classes(root: str | os.PathLike) -> list[str]:
+    """``list_classes``, or a DatasetError saying what a dataset root holds, what this folder
+    holds instead, and which folder was probably meant."""
+    root = Path(root)
+    classes = list_classes(root)
+    if classes:
+        return classes
+    expected = f"{root} holds no class folder. A dataset root holds one folder per class. {LAYOUT_HINT}"
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        raise DatasetError(f"{expected} {root} itself looks like a class folder (it has train/ or test/); "
+                           f"did you mean `flowad validate {root.parent} --classes {root.name}`?")
+    below = [d for d in _subfolders(root) if list_classes(d)]
+    if below:
+        meant = " or ".join(f"`flowad validate {d}`" for d in below[:3])
+        raise DatasetError(f"{expected} This looks like the parent of a dataset ({', '.join(d.name for d in below)} "
+                           f"hold class folders); did you mean {meant}?")
+    if any((root / name).exists() for name in ("metrics.json", "record.json", "main", "ablations", "rescored")):
+        raise DatasetError(f"{expected} {root} looks like a folder of training runs, not a dataset; "
+                           "datasets are under datasets/<name>/ (or demo/data/<name>/ for the demo).")
+    found = ", ".join(p.name for p in _visible_entries(root)[:8]) or "nothing (it is empty)"
+    raise DatasetError(f"{expected} Found: {found}. Fetch a dataset (`flowad fetch NAME`) or point at its folder.")
 
 
 def _class_dir(root: Path, class_name: str) -> Path:
@@ -197,18 +221,60 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _fingerprint(class_dir: Path) -> tuple:
-    """(relative path, size, mtime) of every visible file: a cheap 'nothing changed' token."""
-    entries = []
+def _scan(class_dir: Path, root: Path) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(relative path, size, mtime) of every visible regular file, and a problem for every entry
+    that cannot be read as one: a broken or looping link, a link out of the dataset root, a
+    fifo, socket or device (opening a fifo named .png would wait forever)."""
+    entries, problems = [], []
+    root_real = os.path.realpath(root)
+    seen_dirs = {os.path.realpath(class_dir)}
+
+    def link_problem(path: Path) -> str | None:
+        if not path.is_symlink():
+            return None
+        real = os.path.realpath(path)
+        if not os.path.exists(path):
+            return f"{_relative(path, root)} is a broken or looping link: delete it or make it point to the file"
+        if os.path.commonpath([real, root_real]) != root_real:
+            return (f"{_relative(path, root)} is a link to {real}, outside the dataset folder {root}: "
+                    "copy the file into the dataset instead")
+        return None
+
     for folder, dirs, files in os.walk(class_dir, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            path = Path(folder, name)
+            problem = link_problem(path)
+            real = os.path.realpath(path)
+            if problem is None and real in seen_dirs:
+                problem = f"{_relative(path, root)} is a link to a folder above it (a loop): delete it"
+            if problem is not None:
+                problems.append(problem)
+                continue
+            seen_dirs.add(real)
+            kept.append(name)
+        dirs[:] = kept
         for name in sorted(files):
             if name.startswith("."):
                 continue
             path = Path(folder, name)
-            stat = path.stat()
-            entries.append((path.relative_to(class_dir).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return tuple(entries)
+            problem = link_problem(path)
+            if problem is None:
+                info = path.stat()
+                if not stat.S_ISREG(info.st_mode):
+                    problem = (f"{_relative(path, root)} is not a regular file (a fifo, socket or "
+                               "device): delete it")
+                else:
+                    entries.append((path.relative_to(class_dir).as_posix(), info.st_size, info.st_mtime_ns))
+            if problem is not None:
+                problems.append(problem)
+    return entries, problems
+
+
+def _fingerprint(class_dir: Path) -> tuple:
+    """(relative path, size, mtime) of every visible file: a cheap 'nothing changed' token."""
+    entries, problems = _scan(class_dir, class_dir.parent)
+    return tuple(entries) + tuple(problems)
 
 
 # Classes validated in this process, so the train and the test dataset check a class only once.
@@ -269,6 +335,14 @@ def _structure_problems(root: Path, class_dir: Path) -> list[str]:
                 f"{_relative(image, root)} is not in a sub-folder and is not read: move it into "
                 f"{name}/test/good/ or {name}/test/<defect>/."
             )
+        with_images = [f.name for f in _subfolders(test_dir) if _image_files(f)]
+        if with_images and (GOOD not in with_images or with_images == [GOOD]):
+            missing = "defect-free images in test/good/" if GOOD not in with_images else \
+                "defective images in test/<defect>/"
+            problems.append(
+                f"{name}/test/ holds one kind of image only: image AUROC needs both, so add "
+                f"{missing}."
+            )
     return problems
 
 
@@ -300,6 +374,9 @@ def validate_class(
     if cached is not None and cached[0] == fingerprint and cached[1] >= depth:
         return
 
+    problems = _scan(class_dir, root)[1]
+    if problems:  # nothing else is safe to open
+        raise DatasetError(_problem_report(class_dir, problems))
     problems = _structure_problems(root, class_dir)
     records: list[ImageRecord] = []
     if (class_dir / "train" / GOOD).is_dir():
@@ -370,8 +447,11 @@ def dataset_hash(root: str | os.PathLike, class_name: str, chunk_size: int = 1 <
     Goes into run records, so a number can be traced to the exact data it was computed on.
     """
     class_dir = _class_dir(Path(root), class_name)
+    entries, problems = _scan(class_dir, Path(root))
+    if problems:
+        raise DatasetError(_problem_report(class_dir, problems))
     digest = hashlib.sha256()
-    for relative, size, _ in _fingerprint(class_dir):
+    for relative, size, _ in entries:
         digest.update(relative.encode("utf-8") + b"\0" + size.to_bytes(8, "little"))
         with open(class_dir / relative, "rb") as handle:
             for chunk in iter(lambda: handle.read(chunk_size), b""):

@@ -37,7 +37,7 @@ from harness.grid import GridRun
 NOT_RUN = "not run"
 NOT_PUBLISHED = "not published"
 DEMO_NOTICE = (
-    "Demo: procedurally generated embedded data and random backbone weights. These figures test "
+    "Demo: procedurally generated embedded data and {weights}. These figures test "
     "the pipeline; they reproduce nothing and must not be compared with published numbers."
 )
 METRIC_LABELS = {
@@ -76,6 +76,7 @@ class RunResult:
     test_images_per_second: float = math.nan
     cost: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
+    weights: list[str] = field(default_factory=list)  # "backbone: label" from record.json
 
 
 def read_run(run: GridRun) -> RunResult:
@@ -95,7 +96,27 @@ def read_run(run: GridRun) -> RunResult:
     cost_path = run.out_dir / grid.COST
     if cost_path.exists():
         result.cost = json.loads(cost_path.read_text())
+    record_path = run.out_dir / "record.json"
+    if record_path.exists():
+        used = json.loads(record_path.read_text()).get("weights") or []
+        result.weights = [f"{w['backbone']}: {w['label']}" for w in used if isinstance(w, dict)]
     return result
+
+
+def weights_in_use(params: dict[str, Any], results: list[RunResult]) -> tuple[str, str]:
+    """(short, full) description of the backbone weights behind the tables: from the runs' records,
+    or, before any run recorded them, from params.yaml runtime.pretrained."""
+    used = sorted({w for r in results for w in r.weights})
+    if not used:
+        pretrained = bool((params.get("runtime") or {}).get("pretrained", True))
+        return ("pretrained weights", "pretrained backbone weights") if pretrained else \
+            ("random weights", "random backbone weights")
+    random = [w for w in used if w.endswith(": random")]
+    short = "random weights" if len(random) == len(used) else \
+        "pretrained weights" if not random else "pretrained and random weights"
+    full = ("random backbone weights" if len(random) == len(used) else
+            "backbone weights " + "; ".join(used))
+    return short, full
 
 
 def _mean(values: Iterable[Any]) -> float:
@@ -201,7 +222,7 @@ def _latex_escape(text: str) -> str:
     return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("†", r"$^\dagger$")
 
 
-def to_latex(table: Table, demo: bool) -> str:
+def to_latex(table: Table, demo: str) -> str:
     """A booktabs table ready for a paper: escaped text, caption (with the demo notice when it
     applies) and a label."""
     frame = table.frame.copy()
@@ -212,7 +233,7 @@ def to_latex(table: Table, demo: bool) -> str:
     else:
         frame.columns = [_latex_escape(c) for c in frame.columns]
     frame = frame.map(_latex_escape)
-    caption = _latex_escape(f"{DEMO_NOTICE} " if demo else "") + _latex_escape(f"{table.title}. {table.caption} {LEGEND}")
+    caption = _latex_escape(f"{demo} " if demo else "") + _latex_escape(f"{table.title}. {table.caption} {LEGEND}")
     styler = frame.style
     return styler.to_latex(
         caption=caption, label=f"tab:{table.name}", hrules=True, position="htbp",
@@ -221,7 +242,7 @@ def to_latex(table: Table, demo: bool) -> str:
     )
 
 
-def write_table(table: Table, out: Path, demo: bool) -> str:
+def write_table(table: Table, out: Path, demo: str, short: str = "") -> str:
     """CSV and LaTeX files; returns the Markdown section for the summary."""
     out.mkdir(parents=True, exist_ok=True)
     table.frame.to_csv(out / f"{table.name}.csv")
@@ -230,7 +251,7 @@ def write_table(table: Table, out: Path, demo: bool) -> str:
     if isinstance(frame.columns, pd.MultiIndex):
         frame.columns = [" ".join(str(c) for c in col if c) for col in frame.columns]
     markdown = frame.to_markdown(disable_numparse=True)  # keep the figures exactly as formatted
-    prefix = "Demo data, random weights. " if demo else ""
+    prefix = f"Demo data, {short}. " if demo else ""
     return (f"### {table.title}\n\n{prefix}{table.caption}\n"
             f"Files: [{table.name}.csv]({table.name}.csv), [{table.name}.tex]({table.name}.tex)\n\n{markdown}\n")
 
@@ -479,12 +500,16 @@ def build_tables(params_path: Path | str = grid.PARAMS, out: Path | None = None)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.csv"), *out.glob("*.tex")]:
         stale.unlink()  # tables of settings no longer in the grid must not linger
-    sections = [write_table(t, out, demo) for t in tables]
+    short, weights = weights_in_use(params, results)
+    notice = DEMO_NOTICE.format(weights=weights) if demo else ""
+    sections = [write_table(t, out, notice, short) for t in tables]
     finished = sum(r.finished for r in results)
-    title = "# Tables (DEMO: embedded data, random weights)" if demo else "# Tables"
+    title = f"# Tables (DEMO: embedded data, {short})" if demo else "# Tables"
     header = [title, ""]
     if demo:
-        header += [f"**{DEMO_NOTICE}**", ""]
+        header += [f"**{notice}**", ""]
+    else:
+        header += [f"Backbone weights of these runs: {weights}.", ""]
     header += [f"Generated by `python -m harness tables` from {finished} of {len(results)} runs of the grid "
                "in params.yaml and the published figures in results/published/.", "", LEGEND, "",
                "Contents: " + ", ".join(f"[{t.title}](#{_anchor(t.title)})" for t in tables), ""]

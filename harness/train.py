@@ -17,6 +17,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,17 +33,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from harness import checkpoint as ckpt
 from harness import metrics as M
-from harness.config import RunSettings, RunSpec, to_dict
+from harness.config import DISPLAY_SETTINGS, RunSettings, RunSpec, to_dict
 from harness.data import AnomalyDataset, dataset_hash, resize_masks
 from harness.errors import ConfigError, HarnessError, TrainingError
+from harness.manifest import check_installed
 from harness.scoring import Scores, score
+from harness.weights import weight_sources
 from methods.registry import build_model, create_method
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 RECORD = "record.json"
 MAPS = "maps.npz"
+TRACKING_ID = "tracking_run_id.txt"
+RUN_FILES = (CHECKPOINT, METRICS, RECORD, MAPS, TRACKING_ID)
 # Metrics where higher is better, in the order tables show them.
 EVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "aupro_code")
 # One resolution for every method's mIoU and its fair threshold, so that the thresholds mean the
@@ -69,11 +75,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    """Write through a temporary file in the same folder and rename: readers never see half a file.
+
+    The file gets the permissions the user's umask gives (mkstemp alone makes it owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -86,6 +101,24 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def remove_partial_writes(folder: Path, names: Sequence[str]) -> None:
+    """Delete the temporary files a killed ``atomic_write_bytes`` left (``.<name>.<random>``)."""
+    for name in names:
+        for leftover in folder.glob(f".{name}.*"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+
+
+def _differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the values that differ between two nested dicts."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            out += _differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if recorded == current else [f"{prefix[:-1]} ({recorded!r} -> {current!r})"]
 
 
 # --------------------------------------------------------------------------- features
@@ -156,6 +189,12 @@ class Trainer:
         self.seed = self.config.seed
         self.epochs = self.settings.epochs or self.config.epochs
         self.eval_every = self.settings.eval_every or self.config.eval_every
+        for name, value in (("epochs", self.epochs), ("eval_every", self.eval_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{spec.method} would run with {name}={value!r}: the training budget must be a "
+                    f"positive number of epochs (check meta_epochs, sub_epochs, epochs and eval_every)"
+                )
         self.image_size = tuple(self.config.input_size_for(spec.class_name))
         self.preprocessing = self.config.preprocessing()
         self.metric_size = tuple(getattr(self.config, "metric_size", None) or self.image_size)
@@ -198,6 +237,9 @@ class Trainer:
 
     def _setup(self) -> None:
         root, cls = self.spec.data_root, self.spec.class_name
+        check_installed(root, [cls], repair=(
+            f"Nothing was trained. Reinstall the data: `python -m harness fetch {root.name} --data-root "
+            f"{root.parent} --force` (or `generate --out {root}` for the embedded set)."))
         self.train_set = AnomalyDataset(root, cls, "train", self.image_size, preprocessing=self.preprocessing)
         self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False,
                                        preprocessing=self.preprocessing)
@@ -209,7 +251,9 @@ class Trainer:
             )
         self.data_hash = dataset_hash(root, cls)
         self.generator = seed_everything(self.seed)
-        self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
+        with weight_sources(self.settings.weights) as used:
+            self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
+        self.weights_used = [w.record() for w in used]  # the run record's "weights"
         self.model = build_model(self.config, self.extractor.channels).to(self.device)
         self.optimizer = self.config.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scheduler = self.config.make_scheduler(self.optimizer)
@@ -325,6 +369,7 @@ class Trainer:
         logp = [m.half() for m in exact]
         labels, masks = self._ground_truth()
         scores = score(logp, self.metric_size, self.config.scoring())
+        check_finite(scores, logp, f"{self.spec.method} on {self.spec.class_name}")
         return EvalResult(evaluate_scores(scores, labels, masks), logp, scores, labels, masks, exact)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -334,13 +379,14 @@ class Trainer:
             "epoch": epoch,
             "config": to_dict(self.config),
             "seed": self.seed,
+            "identity": self.run_identity(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": ckpt.numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "batches": self.generator.get_state(),
@@ -348,15 +394,28 @@ class Trainer:
             "history": {"epochs": history.epochs, "best": history.best},
             "tracking_run_id": getattr(self.tracker, "run_id", None),
         }
-        atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
+        atomic_write_bytes(self.out / CHECKPOINT, lambda f: ckpt.save(state, f))
+
+    def run_identity(self) -> dict[str, Any]:
+        """Everything a run's result depends on: a resumed run must match it exactly."""
+        settings = {k: v for k, v in to_dict(self.settings).items() if k not in DISPLAY_SETTINGS}
+        settings["device"] = self.device.type  # "auto" and "cuda" name the same device
+        return json.loads(json.dumps({
+            "method": self.spec.method, "class": self.spec.class_name,
+            "method_config": to_dict(self.config), "settings": settings, "seed": self.seed,
+            "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every,
+            "data_hash": self.data_hash,
+        }))
 
     def _load_checkpoint(self) -> tuple[int, History]:
         path = self.out / CHECKPOINT
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config"] != to_dict(self.config) or state["seed"] != self.seed:
-            raise HarnessError(
-                f"{path} was written with other settings than this run's; resume with the same "
-                "method settings and seed, or start a new run in another --out folder"
+        state = ckpt.load(path, map_location=self.device)
+        changed = _differences(state.get("identity"), self.run_identity())
+        if changed:
+            raise ckpt.CheckpointError(
+                f"{path} was written by a run with other settings or data; changed: "
+                f"{'; '.join(changed[:8])}. Resume with the same settings and data, or start a new "
+                f"run in another --out folder"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -364,7 +423,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        ckpt.set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -394,6 +453,7 @@ class Trainer:
             return json.loads((self.out / METRICS).read_text())
         self._setup()
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(self.out, RUN_FILES)
         record = run_record(
             config={"method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
                     "method_config": to_dict(self.config),
@@ -401,14 +461,18 @@ class Trainer:
                     "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every},
             data_hash=self.data_hash, seed=self.seed, device=str(self.device),
         )
+        record["weights"] = self.weights_used
         start, history = 0, History()
         if resume and (self.out / CHECKPOINT).exists():
             start, history = self._load_checkpoint()
         atomic_write_json(self.out / RECORD, record)
         tracker = self.tracker
         if tracker is not None:
+            # Display flags are not run parameters: MLflow refuses a changed value on resume.
+            config = dict(record["config"])
+            config["settings"] = {k: v for k, v in config["settings"].items() if k not in DISPLAY_SETTINGS}
             tracker.log_params({"method": self.spec.method, "class": self.spec.class_name,
-                                "dataset": self.spec.dataset, **record["config"]})
+                                "dataset": self.spec.dataset, **config})
             tracker.log_record(record)
 
         result = None
@@ -465,17 +529,26 @@ class Trainer:
                   self.latent_channels)
         final = self._final_metrics(result)
         if self.tracker is not None:
-            self.tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=self.epochs)
-        artifacts = write_figures(self.out / "artifacts", result, self.test_set) if self.settings.figures else []
+            # The last epoch's row is logged already; what only the final model has (mIoU, the
+            # thresholds, a method's own metrics) is added at that step, and the per-metric best
+            # epochs, which the papers report, under their own names.
+            logged = history.epochs[-1] if history.epochs and history.epochs[-1]["epoch"] == self.epochs else {}
+            self.tracker.log_metrics({k: v for k, v in final.items() if k not in logged}, step=self.epochs)
+            self.tracker.log_metrics(best_metrics(history.best), step=self.epochs)
+        artifacts = write_figures(self.out / "artifacts", result, self.test_set, final.get("fair_threshold"),
+                                  title=f"{self.spec.method} {self.spec.dataset}/{self.spec.class_name}") \
+            if self.settings.figures else []
         summary = {
             "method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
             "epochs": self.epochs, "last": final,
             "best": history.best, "history": history.epochs,
             "image_size": list(self.image_size), "seed": self.seed,
+            "identity": self.run_identity(),
         }
         if self.tracker is not None:
-            for path in [self.out / RECORD, *artifacts]:
-                self.tracker.log_artifact(path)
+            self.tracker.log_artifact(self.out / RECORD)
+            for path in artifacts:
+                self.tracker.log_artifact(path, artifact_path="figures")
         atomic_write_json(self.out / METRICS, summary)  # last: its presence marks a complete run
         if self.tracker is not None:
             self.tracker.log_artifact(self.out / METRICS)
@@ -483,6 +556,19 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+
+def check_finite(scores: Scores, logp: list[torch.Tensor], what: str) -> None:
+    """TrainingError when scores are NaN or infinite: AUROCs of such scores mean nothing."""
+    bad = int((~torch.isfinite(scores.image)).sum())
+    if bad:
+        low = min(float(m.float().min()) for m in logp)
+        raise TrainingError(
+            f"{bad} of {len(scores.image)} image scores of {what} are not finite although the loss "
+            f"was (lowest stored log-likelihood: {low}; float16 maps hold values down to -65504 "
+            f"only, so the model assigns vanishing likelihoods). The model has diverged: try a lower "
+            f"lr or fewer epochs; no metrics were written."
+        )
 
 
 def evaluate_scores(scores: Scores, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:
@@ -523,46 +609,50 @@ def load_maps(path: Path) -> StoredMaps:
         return StoredMaps(logp, data["labels"], list(data["paths"]), data["channels"].tolist())
 
 
-def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset) -> list[Path]:
-    from harness.tracking import image_grid_png, pro_curve_png, roc_curve_png
+def best_metrics(best: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"image_auroc": {"value": v, "epoch": e}}`` -> ``{"best_image_auroc": v,
+    "best_image_auroc_epoch": e}``: the per-metric best epochs as metrics of their own."""
+    out: dict[str, float] = {}
+    for name, entry in best.items():
+        out[f"best_{name}"] = entry["value"]
+        out[f"best_{name}_epoch"] = entry["epoch"]
+    return out
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [roc_curve_png(result.labels, result.scores.image.numpy(), folder / "roc_image.png")]
-    if result.masks.any():
-        fpr, pro = M.pro_curve(result.masks, result.scores.pro_map.numpy())
-        paths.append(pro_curve_png(fpr, pro, folder / "pro_curve.png"))
-    # A few defective and a few good images, so the grid shows both kinds of error.
-    defect = np.flatnonzero(result.labels == 1)[:6]
-    good = np.flatnonzero(result.labels == 0)[:2]
-    picks = [int(i) for i in np.concatenate([defect, good])]
-    items = [dataset[i] for i in picks]
-    images = torch.stack([item["image"] for item in items])
-    masks = np.stack([item["mask"][0].numpy() > 0.5 for item in items])  # at the image's size
-    paths.append(image_grid_png(images, masks, result.scores.pixel_map[picks].numpy(),
-                                folder / "anomaly_maps.png"))
-    return paths
+
+def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset, threshold: float | None,
+                  title: str = "") -> list[Path]:
+    """ROC and PRO curves (PNG, PDF, CSV) and the map grid of a run (harness.figures)."""
+    from harness.figures import run_figures
+
+    return run_figures(folder, result.labels, result.scores.image, result.scores.pro_map, result.masks,
+                       threshold, dataset, title=title)
 
 
 # --------------------------------------------------------------------------- entry points
 
-TRACKING_ID = "tracking_run_id.txt"
 
-
-def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: bool = False) -> dict[str, Any]:
+def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: bool = False,
+                 labels: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one run with MLflow tracking; ``resume`` continues an interrupted run
-    in the same MLflow run."""
-    from harness.tracking import Tracker, default_tracking_uri
+    in the same MLflow run. ``labels``: what the run is in the experiment grid (protocol, variant,
+    demo), as MLflow tags and in the run name."""
+    from harness.tracking import Tracker, default_tracking_uri, run_name
 
     settings = settings or RunSettings()
+    labels = {"protocol": "none", "variant": _variant_of(spec), "demo": False, **(labels or {})}
     trainer = Trainer(spec, settings)
     trainer._check_out_dir(resume)
     if resume and (spec.out_dir / METRICS).exists():
         return json.loads((spec.out_dir / METRICS).read_text())
     id_file = spec.out_dir / TRACKING_ID
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+    seed = settings.seed if settings.seed is not None else trainer.config.seed
+    name_variant = labels["protocol"] if labels["variant"] == "default" else labels["variant"]
     tracker = Tracker(
         uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
-        run_name=f"{spec.method}/{spec.dataset}/{spec.class_name}", enabled=settings.tracking, run_id=run_id,
+        run_name=run_name(spec.method, spec.dataset, spec.class_name, name_variant, seed),
+        enabled=settings.tracking, run_id=run_id,
+        tags={**labels, "demo": str(bool(labels["demo"])).lower(), "seed": seed},
     )
     with tracker:
         if tracker.run_id is not None:
@@ -570,6 +660,13 @@ def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: boo
             atomic_write_bytes(id_file, lambda f: f.write(tracker.run_id.encode()))
         trainer.tracker = tracker
         return trainer.fit(resume)
+
+
+def _variant_of(spec: RunSpec) -> str:
+    """A run outside the grid is named by its overrides (``pool=max``), or ``default``."""
+    if not spec.overrides:
+        return "default"
+    return ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(spec.overrides.items()))
 
 
 def rescore_maps(spec: RunSpec, scoring: Any = None) -> dict[str, float]:
@@ -597,15 +694,46 @@ def rescore_many(spec: RunSpec, scorings: Sequence[Any]) -> list[dict[str, float
                             stored.labels, masks) for scoring in scorings]
 
 
+def _check_recorded_config(spec: RunSpec) -> None:
+    """Stored maps come from the run's own model: only scoring settings may differ from its record."""
+    from harness.scoring import ScoringSpec
+
+    path = spec.out_dir / RECORD
+    if not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text())["config"]["method_config"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise HarnessError(f"{path} is not a run record ({err}); the run folder is damaged") from None
+    current = to_dict(Trainer(spec, RunSettings(tracking=False, progress=False)).config)
+    scoring = {f.name for f in dataclasses.fields(ScoringSpec)}
+    changed = [d for d in _differences(recorded, current) if d.split(" ")[0].split(".")[0] not in scoring]
+    if changed:
+        raise HarnessError(
+            f"{spec.out_dir} was trained with other method settings than given; changed: "
+            f"{'; '.join(changed[:8])}. Its maps can only be re-scored (scoring settings such as "
+            f"top_k or image_aggregation); drop the other --set values."
+        )
+
+
 def evaluate_run(spec: RunSpec, settings: RunSettings | None = None, from_maps: bool = False) -> dict[str, float]:
     """Evaluate a run's checkpoint on its test set (or re-score its stored maps); writes nothing."""
     if from_maps:
+        _check_recorded_config(spec)
         return rescore_maps(spec)
     path = spec.out_dir / CHECKPOINT
     if not path.exists():
         raise HarnessError(f"{path} not found; train first or point --out at a run folder")
     trainer = Trainer(spec, settings or RunSettings(tracking=False))
+    state = ckpt.load(path, map_location=trainer.device)
+    changed = _differences(state.get("config"), to_dict(trainer.config))
+    if changed:
+        # Another pooling or input size would score the stored model on other features.
+        raise ckpt.CheckpointError(
+            f"{path} was trained with other method settings than given; changed: "
+            f"{'; '.join(changed[:8])}. Evaluate with the run's own settings (drop those --set), "
+            f"or re-score its maps with another scoring (`flowad evaluate --from-maps`)."
+        )
     trainer._setup()
-    state = torch.load(path, map_location=trainer.device, weights_only=False)
     trainer.model.load_state_dict(state["model"])
     return trainer.evaluate().metrics

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from harness.errors import ConfigError
 from harness.features import create_frozen_model, weights_label
+from harness.weights import input_convention
 from harness.flows import ChannelPermutation, FlowOutput, ParallelAffineCoupling, seeded_construction
 from harness.scoring import AGGREGATIONS, ScoringSpec
 from methods.base import MethodConfig, MetaEpochs
@@ -261,7 +262,9 @@ class MultiScaleEfficientNet(nn.Module):
             )
         if static_padding_size is not None:
             use_static_same_padding(model, backbone.partition(".")[0], block_stage, static_padding_size)
-        self.stem = nn.Sequential(model.conv_stem, model.bn1)  # timm's bn1 includes the activation
+        # The backbone's own input convention first (TF EfficientNet-Lite: [-1, 1]); bn1 includes the activation.
+        self.stem = nn.Sequential(input_convention(model), model.conv_stem, model.bn1)
+        self.weight_source = getattr(model, "weight_source", None)
         self.blocks = model.blocks[: block_stage + 1]  # the head and later stages are never used
         self.channels: list[int] = [stage_channels(model, block_stage)] * n_scales
 
@@ -284,7 +287,7 @@ class MultiScaleEfficientNet(nn.Module):
         return features
 
     def cache_key(self) -> str:
-        weights = weights_label(self.pretrained, self.weights_path)
+        weights = weights_label(self.pretrained, self.weights_path, self)
         padding = "dynamic" if self.static_padding_size is None else f"static{self.static_padding_size}"
         return (
             f"{self.backbone_name}|blocks=0-{self.block_stage}|scales={self.n_scales}"

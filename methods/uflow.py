@@ -54,6 +54,8 @@ from methods.registry import register_method
 
 MCAIT = "mcait"
 RESNETS = ("resnet18", "wide_resnet50_2")
+# CNN backbones whose stage s has stride 2^(s+1), as a ResNet's: the ResNets and EfficientNet-Lite0.
+CNN_BACKBONES = (*RESNETS, "tf_efficientnet_lite0")
 
 # Learning rate, batch size and epochs selected by the authors per MVTec AD class
 # (specs/baselines.md 6.3). Other classes and datasets use the default configuration.
@@ -87,7 +89,7 @@ class UFlowConfig(MethodConfig):
 
     # Features [6.1]: MS-CaiT. The backbone names carry timm weight tags; the block counts say how
     # many transformer blocks run before the final norm (41 of 48, 21 of 24).
-    backbone: str = MCAIT  # or a tagged timm ResNet, e.g. "resnet18.a1_in1k", "wide_resnet50_2.racm_in1k"
+    backbone: str = MCAIT  # or a CNN: "resnet18.a1_in1k", "wide_resnet50_2.racm_in1k", "tf_efficientnet_lite0"
     fine_backbone: str = "cait_m48_448.fb_dist_in1k"
     fine_blocks: int = 41
     coarse_backbone: str = "cait_s24_224.fb_dist_in1k"
@@ -149,8 +151,8 @@ class UFlowConfig(MethodConfig):
         self.tuned_settings = {k: tuple(v) for k, v in self.tuned_settings.items()}
         self._apply_tuned_settings()
         architecture = self.backbone.partition(".")[0]
-        self._check(self.backbone == MCAIT or architecture in RESNETS, "backbone",
-                    f"'{MCAIT}' or a timm {RESNETS} name")
+        self._check(self.backbone == MCAIT or architecture in CNN_BACKBONES, "backbone",
+                    f"'{MCAIT}' or a timm {CNN_BACKBONES} name")
         self._check(len(self.input_size) == 2 and min(self.input_size) > 0, "input_size", "(height, width)")
         self._check(self.blocks_per_stage >= 1, "blocks_per_stage", "at least 1")
         self._check(self.clamp > 0, "clamp", "a positive number")
