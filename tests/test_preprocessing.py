@@ -91,9 +91,11 @@ def test_bilinear_masks_are_thresholded_at_one_half(tmp_path):
 
 
 def test_the_reader_takes_a_preprocessing(tmp_path):
-    for split in ("train/good", "test/good"):
+    for split in ("train/good", "test/good", "test/crack"):
         (tmp_path / "c" / split).mkdir(parents=True)
         write_image(tmp_path / "c" / split / "000.png")
+    (tmp_path / "c" / "ground_truth" / "crack").mkdir(parents=True)
+    Image.fromarray(np.full((37, 51), 255, dtype=np.uint8)).save(tmp_path / "c/ground_truth/crack/000_mask.png")
     pipeline = Preprocessing(image_resize="bilinear", mean=(0.5,) * 3, std=(0.225,) * 3)
     dataset = AnomalyDataset(tmp_path, "c", "train", SIZE, preprocessing=pipeline)
     torch.testing.assert_close(dataset[0]["image"], load_image(dataset.records[0].path, SIZE, pipeline))

@@ -23,7 +23,7 @@ SMALL = {
 
 def initial_state(tmp_path, method: str, seed: int | None) -> tuple[int, dict[str, torch.Tensor]]:
     overrides, channels = SMALL[method]
-    spec = RunSpec(method=method, data_root=tmp_path, class_name="any", out_dir=tmp_path / "run",
+    spec = RunSpec(method=method, data_root=tmp_path / "data", class_name="any", out_dir=tmp_path / "run",
                    overrides=overrides)
     trainer = Trainer(spec, RunSettings(device="cpu", seed=seed, tracking=False))
     return trainer.seed, build_model(trainer.config, channels).state_dict()
@@ -53,7 +53,7 @@ def test_no_run_seed_keeps_the_method_default(tmp_path):
 
 
 def test_conflicting_seeds_are_an_error(tmp_path):
-    spec = RunSpec(method="msflow", data_root=tmp_path, class_name="any", out_dir=tmp_path / "run",
+    spec = RunSpec(method="msflow", data_root=tmp_path / "data", class_name="any", out_dir=tmp_path / "run",
                    overrides={"seed": 3})
     with pytest.raises(ConfigError, match="seed=3 and the run seed 5"):
         Trainer(spec, RunSettings(device="cpu", seed=5, tracking=False))

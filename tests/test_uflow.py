@@ -12,6 +12,7 @@ import torch
 from harness.errors import ConfigError, HarnessError
 from harness.profile import trainable_parameters
 from harness.scoring import score
+from harness.train import EVAL_METRICS, rescore_maps
 from methods import build_model, create_method, list_methods
 from methods.uflow import TUNED_SETTINGS, MultiScaleCaiT, UFlow, UFlowConfig
 
@@ -278,9 +279,27 @@ SMALL = {"backbone": "resnet18", "input_size": (64, 64), "blocks_per_stage": 2, 
 
 
 @pytest.fixture(scope="module")
-def short_run(train_small):
+def short_trained(train_small):
+    """(trainer, summary) of 4 epochs on weave."""
+    return train_small("uflow", "weave", SMALL, epochs=4, eval_every=4)
+
+
+@pytest.fixture(scope="module")
+def short_run(short_trained):
     """The summary of 4 epochs on weave."""
-    return train_small("uflow", "weave", SMALL, epochs=4, eval_every=4)[1]
+    return short_trained[1]
+
+
+def test_metrics_at_256_and_rescoring_gives_the_same_figures(short_trained):
+    trainer, summary = short_trained
+    assert trainer.metric_size == (256, 256) and trainer.image_size == (64, 64)
+    result = trainer.evaluate()
+    assert result.scores.pixel_map.shape[-2:] == (256, 256) and result.masks.shape[-2:] == (256, 256)
+    assert all(m.dtype == torch.float32 for m in result.log_likelihoods_float32)
+    assert all(torch.equal(a, b.half()) for a, b in zip(result.log_likelihoods, result.log_likelihoods_float32))
+    rescored = rescore_maps(trainer.spec)
+    assert {k: rescored[k] for k in EVAL_METRICS if k in rescored} == {
+        k: summary["last"][k] for k in EVAL_METRICS if k in rescored}
 
 
 def test_short_run_lowers_the_loss_and_scores_above_chance(short_run):
