@@ -8,7 +8,7 @@ Verbs
   evaluate          score a trained run's checkpoint again, or re-score its stored maps
   info METHOD       trainable parameters per component and forward GFLOPs, as JSON
   demo              the main job on the embedded dataset, offline
-  repro             `dvc repro` of the whole pipeline, several training runs at a time
+  repro             `dvc repro` of the whole pipeline, several training runs at a time, here or on SLURM
   prepare NAME      install one dataset of the pipeline (fetch it, or generate the embedded one)
   run PART          train one run of the experiment grid in params.yaml (a dvc.yaml stage)
   rescore           the scoring ablations: re-score the reference runs' stored maps

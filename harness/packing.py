@@ -33,16 +33,9 @@ class PackingError(HarnessError):
     """K runs do not fit on one GPU together."""
 
 
-def probe_memory(trainer: Any) -> dict[str, Any]:
-    """Peak GPU memory of one run: set-up (features included), one optimiser step, one scoring
-    pass over the test set. On a CPU the probe measures nothing and says so."""
-    import torch
-
-    device = trainer.device
-    if device.type != "cuda":
-        return {"device": str(device)}
-    free_before, total = torch.cuda.mem_get_info(device)
-    torch.cuda.reset_peak_memory_stats(device)
+def exercise(trainer: Any) -> None:
+    """What a run holds in memory at its peak: set-up (features included), one optimiser step,
+    one scoring pass over the test set."""
     trainer._setup()
     trainer.model.train()
     features = next(iter(trainer._train_batches()))
@@ -51,6 +44,18 @@ def probe_memory(trainer: Any) -> dict[str, Any]:
     loss.backward()
     trainer.optimizer.step()
     trainer.log_likelihoods("test")
+
+
+def probe_memory(trainer: Any) -> dict[str, Any]:
+    """Peak GPU memory of one run (``exercise``). On a CPU the probe measures nothing and says so."""
+    import torch
+
+    device = trainer.device
+    if device.type != "cuda":
+        return {"device": str(device)}
+    free_before, total = torch.cuda.mem_get_info(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    exercise(trainer)
     torch.cuda.synchronize(device)
     return {"device": str(device), "name": torch.cuda.get_device_name(device),
             "peak_bytes": int(torch.cuda.max_memory_reserved(device)),

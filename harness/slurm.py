@@ -299,9 +299,12 @@ def update_states(jobs: Sequence[Job], settings: SlurmSettings) -> None:
     for j in active:
         if j.job_id in known:
             j.state = known[j.job_id]
-        elif j.state in RUNNING:  # SLURM forgot it (MinJobAge): the result file tells
+        else:  # SLURM has forgotten it (MinJobAge): the job's result file tells how it ended
             outcome, _ = _result(j.job)
-            j.state = {"success": "COMPLETED", "error": "FAILED"}.get(outcome, "UNKNOWN")
+            if outcome in ("success", "error"):
+                j.state = "COMPLETED" if outcome == "success" else "FAILED"
+            elif j.state in RUNNING:
+                j.state = "UNKNOWN"
 
 
 def counts(jobs: Sequence[Job]) -> Counter:

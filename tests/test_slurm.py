@@ -282,6 +282,19 @@ def test_runs_share_a_gpu_only_when_their_probed_memory_fits():
     assert probe_command("python -c 'print(1)'") is None
 
 
+def test_the_memory_probe_drives_a_real_run(embedded_root, tmp_path):
+    from harness.config import RunSettings, RunSpec
+    from harness.packing import exercise, probe_memory
+    from harness.train import Trainer
+
+    spec = RunSpec(method="msflow", data_root=embedded_root, class_name="washer", out_dir=tmp_path / "run",
+                   overrides=dict(TINY))
+    trainer = Trainer(spec, RunSettings(device="cpu", pretrained=False, progress=False, tracking=False))
+    assert probe_memory(trainer) == {"device": "cpu"}  # nothing to measure on a CPU
+    exercise(trainer)  # what the probe runs on a GPU: set-up, one step, one scoring pass
+    assert not (tmp_path / "run").exists()  # a probe writes no run folder
+
+
 def test_local_runs_per_gpu_workers():
     workers = repro.make_workers(1, gpus=["0", "1"], cpus=8, runs_per_gpu=2)
     assert [(w.gpu, w.runs_per_gpu, w.threads) for w in workers] == [("0", 2, 2), ("1", 2, 2)]
