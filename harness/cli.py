@@ -14,6 +14,7 @@ Verbs
   rescore           the scoring ablations: re-score the reference runs' stored maps
   tables            every table (CSV, LaTeX, Markdown) from the runs and the published figures
   figures           per class a map grid with one row per method, and every run's curve data
+  metrics           every finished run's metrics, one file per run, for `dvc metrics` and `dvc exp show`
 """
 
 from __future__ import annotations
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("figures", help="per class a map grid with one row per method; curve data for DVC")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+    p = verbs.add_parser("metrics", help="every finished run's metrics, one file per run, for DVC")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser
 
 
@@ -288,9 +292,17 @@ def cmd_figures(args: argparse.Namespace) -> None:
     print(f"{len(written)} figure and curve files written")
 
 
+def cmd_metrics(args: argparse.Namespace) -> None:
+    from harness import grid
+
+    written = grid.collect_metrics(grid.load(args.params))
+    print(f"metrics of {len(written)} runs written")
+
+
 COMMANDS = {"fetch": cmd_fetch, "generate": cmd_generate, "validate": cmd_validate, "train": cmd_train,
             "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "repro": cmd_repro, "prepare": cmd_prepare,
-            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables, "figures": cmd_figures}
+            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables, "figures": cmd_figures,
+            "metrics": cmd_metrics}
 
 
 def main(argv: list[str] | None = None) -> int:

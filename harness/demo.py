@@ -71,7 +71,7 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
     # folder can be copied or moved, and runs with this installation wherever it is.
     demo["paths"] = {"python": Path(sys.executable).as_posix(), "code": PROJECT.as_posix(), "data": "data",
                      "runs": "runs", "published": (PROJECT / "results" / "published").as_posix(),
-                     "tables": "results", "figures": "figures", "plots": "plots"}
+                     "tables": "results", "figures": "figures", "plots": "plots", "metrics": "metrics"}
     demo["prepare"] = {"embedded": "harness/synthetic.py"}
     for card in demo["datasets"].values():
         card["classes"] = []
@@ -108,12 +108,10 @@ def _write_params(path: Path, params: dict[str, Any]) -> None:
 
 
 GITIGNORE = """\
-# Demo outputs that are not committed: data, run folders (except each run's metrics.json, which
-# `dvc metrics diff` and `dvc exp show` compare), logs and the MLflow store.
+# Demo outputs that git does not hold: data, run folders, logs and the MLflow store (figures,
+# curves and metrics are in DVC's cache, see their .gitignore files).
 /data/
-/runs/**
-!/runs/**/
-!/runs/**/metrics.json
+/runs/
 /logs/
 /mlflow.db
 /mlflow.db.lock
@@ -148,10 +146,7 @@ def init_project(out: Path, methods: list[str] | None = None) -> Path:
 
 
 def _git(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """git in the demo folder, with an author of its own where none is configured."""
-    who = subprocess.run(["git", "config", "user.email"], cwd=out, capture_output=True, text=True)
-    identity = [] if who.stdout.strip() else ["-c", "user.name=flowad demo", "-c", "user.email=demo@flowad.invalid"]
-    return subprocess.run(["git", *identity, *args], cwd=out, capture_output=True, text=True, check=check)
+    return subprocess.run(["git", *args], cwd=out, capture_output=True, text=True, check=check)
 
 
 def _git_init(out: Path) -> bool:
@@ -161,6 +156,10 @@ def _git_init(out: Path) -> bool:
         return False
     if not (out / ".git").exists():
         _git(out, "init", "--quiet")
+        if not _git(out, "config", "user.email", check=False).stdout.strip():
+            # commits (ours and `dvc exp run`'s) need an author; the demo's own where none is set
+            _git(out, "config", "user.name", "flowad demo")
+            _git(out, "config", "user.email", "demo@flowad.invalid")
     (out / ".gitignore").write_text(GITIGNORE)
     return True
 

@@ -193,7 +193,9 @@ def map_grid_figure(samples: Sequence[Sample], title: str | None = None) -> Any:
         mappable = _overlay_map(axes[3, col], picture, sample.anomaly_map)
     for row, name in enumerate(ROWS):
         axes[row, 0].set_ylabel(name, fontsize=8)
-    fig.colorbar(mappable, ax=axes[3, :].tolist(), shrink=0.9, label="anomaly score\n(normalised over the test set)")
+    fig.colorbar(mappable, ax=axes[3, :].tolist(), label="anomaly score")
+    fig.supxlabel("Anomaly maps min-max normalised over the whole test set (one colour scale); predicted mask: "
+                  "the map above the fair threshold (one false-positive pixel per training image).", fontsize=7)
     return fig
 
 
@@ -230,8 +232,10 @@ def class_figure_figure(images: Sequence[Any], masks: Sequence[Any], captions: S
     axes[1, 0].set_ylabel("ground truth", fontsize=8)
     for row, method in enumerate(methods, start=2):
         axes[row, 0].set_ylabel(method, fontsize=8)
-    fig.colorbar(mappable, ax=axes[2:, :].ravel().tolist(), shrink=0.9,
-                 label="anomaly score (normalised over each run's test set);\nwhite: predicted mask at the fair threshold")
+    fig.colorbar(mappable, ax=axes[2:, :].ravel().tolist(), label="anomaly score")
+    fig.supxlabel("Anomaly maps min-max normalised over each run's whole test set (one colour scale); white outline: "
+                  "the predicted mask at the run's fair threshold (one false-positive pixel per training image).",
+                  fontsize=7)
     return fig
 
 

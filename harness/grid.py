@@ -378,7 +378,36 @@ def prepare_dataset(name: str, data_root: Path) -> Path:
     return fetch(name, data_root=data_root)
 
 
-# --------------------------------------------------------------------------- figures stage
+# --------------------------------------------------------------------------- DVC metrics and figures
+
+
+def collect_metrics(params: dict[str, Any]) -> list[Path]:
+    """Every finished run's figures, one small JSON file per run in ``paths.metrics``
+    (``<run key>.json``: ``last`` = the last epoch, ``best`` and ``best_epoch`` = the per-metric
+    best epoch), the folder dvc.yaml declares as metrics: ``dvc metrics show|diff`` and ``dvc exp
+    show`` read these. The run folders hold more (history, records, checkpoints) than DVC
+    should read as metrics."""
+    from harness.train import METRICS, atomic_write_json
+
+    folder = Path(_get(params, "paths.metrics"))
+    if folder.exists():
+        shutil.rmtree(folder)  # a stage output: written whole, nothing stale left behind
+    written = []
+    for run in [*main_runs(params), *ablation_runs(params)]:
+        if not run.finished:
+            continue
+        summary = json.loads((run.out_dir / METRICS).read_text())
+        numbers = {k: v for k, v in (summary.get("last") or {}).items() if isinstance(v, (int, float))}
+        best = summary.get("best") or {}
+        entry = {"last": numbers, "best": {k: b["value"] for k, b in best.items()},
+                 "best_epoch": {k: b["epoch"] for k, b in best.items()}}
+        key = run_key(run) if "rescored" not in run.out_dir.parts else f"rescored_{run_key(run)}"
+        path = folder / f"{key}.json"
+        atomic_write_json(path, entry)
+        written.append(path)
+    return written
+
+
 
 
 def run_key(run: GridRun) -> str:

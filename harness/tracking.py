@@ -578,8 +578,9 @@ def weights_of(record: Mapping[str, Any]) -> str:
 def describe(tags: Mapping[str, Any], code: Mapping[str, Any]) -> str:
     """The run description (Markdown): what was trained, with which weights, from which code."""
     what = f"**{tags.get('method', '?')}** on {tags.get('dataset', '?')}/{tags.get('class', '?')}"
-    lines = [f"{what}, {tags.get('variant', 'run')} ({tags.get('protocol', 'no')} protocol), "
-             f"seed {tags.get('seed', '?')}."]
+    variant = tags.get("variant", "default")
+    setting = f"{tags.get('protocol', 'no')} protocol" + ("" if variant == "default" else f", variant {variant}")
+    lines = [f"{what} ({setting}), seed {tags.get('seed', '?')}."]
     weights = str(tags.get("weights", "?"))
     if weights == "random":
         lines.append("Backbone weights: **random**. The figures test the pipeline; they are not a "
