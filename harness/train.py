@@ -237,9 +237,7 @@ class Trainer:
 
     def _setup(self) -> None:
         root, cls = self.spec.data_root, self.spec.class_name
-        check_installed(root, [cls], repair=(
-            f"Nothing was trained. Reinstall the data: `python -m harness fetch {root.name} --data-root "
-            f"{root.parent} --force` (or `generate --out {root}` for the embedded set)."))
+        self._check_data()
         self.train_set = AnomalyDataset(root, cls, "train", self.image_size, preprocessing=self.preprocessing)
         self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False,
                                        preprocessing=self.preprocessing)
@@ -267,6 +265,13 @@ class Trainer:
                                                    self.device, progress, "train features")
             self.test_features = extract_features(self.extractor, self._loader(self.test_set),
                                                   self.device, progress, "test features")
+
+    def _check_data(self) -> None:
+        """An installed dataset must still match the file list written at install."""
+        root = self.spec.data_root
+        check_installed(root, [self.spec.class_name], repair=(
+            f"Nothing was trained. Reinstall the data: `python -m harness fetch {root.name} --data-root "
+            f"{root.parent} --force` (or `generate --out {root}` for the embedded set)."))
 
     # -- one epoch ----------------------------------------------------------------------------
 
@@ -396,6 +401,20 @@ class Trainer:
         }
         atomic_write_bytes(self.out / CHECKPOINT, lambda f: ckpt.save(state, f))
 
+    def run_config(self) -> dict[str, Any]:
+        """The run's configuration as record.json keeps it."""
+        return {"method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
+                "method_config": to_dict(self.config),
+                "settings": {**to_dict(self.settings), "seed": self.seed}, "seed": self.seed,
+                "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every}
+
+    def tracking_params(self) -> dict[str, Any]:
+        """MLflow parameters: the run config without display flags, since MLflow refuses a changed
+        parameter when a run is resumed, and a progress bar changes no result."""
+        config = self.run_config()
+        config["settings"] = {k: v for k, v in config["settings"].items() if k not in DISPLAY_SETTINGS}
+        return config
+
     def run_identity(self) -> dict[str, Any]:
         """Everything a run's result depends on: a resumed run must match it exactly."""
         settings = {k: v for k, v in to_dict(self.settings).items() if k not in DISPLAY_SETTINGS}
@@ -407,9 +426,14 @@ class Trainer:
             "data_hash": self.data_hash,
         }))
 
-    def _load_checkpoint(self) -> tuple[int, History]:
+    def _resumable_state(self) -> dict[str, Any]:
+        """The checkpoint to resume from, once it is known to be this run's (settings and data);
+        checked before any feature is computed, so a refusal costs no training time."""
         path = self.out / CHECKPOINT
         state = ckpt.load(path, map_location=self.device)
+        if not hasattr(self, "data_hash"):
+            self._check_data()
+            self.data_hash = dataset_hash(self.spec.data_root, self.spec.class_name)
         changed = _differences(state.get("identity"), self.run_identity())
         if changed:
             raise ckpt.CheckpointError(
@@ -417,6 +441,9 @@ class Trainer:
                 f"{'; '.join(changed[:8])}. Resume with the same settings and data, or start a new "
                 f"run in another --out folder"
             )
+        return state
+
+    def _load_checkpoint(self, state: dict[str, Any]) -> tuple[int, History]:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -451,28 +478,21 @@ class Trainer:
         self._check_out_dir(resume)
         if resume and (self.out / METRICS).exists():
             return json.loads((self.out / METRICS).read_text())
+        if self.out.is_dir():
+            remove_partial_writes(self.out, RUN_FILES)
+        state = self._resumable_state() if resume and (self.out / CHECKPOINT).exists() else None
         self._setup()
         self.out.mkdir(parents=True, exist_ok=True)
-        remove_partial_writes(self.out, RUN_FILES)
-        record = run_record(
-            config={"method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
-                    "method_config": to_dict(self.config),
-                    "settings": {**to_dict(self.settings), "seed": self.seed}, "seed": self.seed,
-                    "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every},
-            data_hash=self.data_hash, seed=self.seed, device=str(self.device),
-        )
+        record = run_record(config=self.run_config(), data_hash=self.data_hash, seed=self.seed,
+                            device=str(self.device))
         record["weights"] = self.weights_used
         start, history = 0, History()
-        if resume and (self.out / CHECKPOINT).exists():
-            start, history = self._load_checkpoint()
+        if state is not None:
+            start, history = self._load_checkpoint(state)
         atomic_write_json(self.out / RECORD, record)
         tracker = self.tracker
         if tracker is not None:
-            # Display flags are not run parameters: MLflow refuses a changed value on resume.
-            config = dict(record["config"])
-            config["settings"] = {k: v for k, v in config["settings"].items() if k not in DISPLAY_SETTINGS}
-            tracker.log_params({"method": self.spec.method, "class": self.spec.class_name,
-                                "dataset": self.spec.dataset, **config})
+            tracker.log_params(self.tracking_params())
             tracker.log_record(record)
 
         result = None
