@@ -412,16 +412,21 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def load_image(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """Read, resize straight to (H, W) with LANCZOS (None keeps the native size), normalise."""
+def resized_rgb(path: Path, image_size: tuple[int, int] | None) -> Image.Image:
+    """Read as RGB and resize straight to (H, W) with LANCZOS (None keeps the native size)."""
     image = read_rgb(path)
     if image_size is not None and image.size != (image_size[1], image_size[0]):
         image = image.resize((image_size[1], image_size[0]), Image.LANCZOS)
-    return image_to_tensor(image)
+    return image
 
 
-def load_mask(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """Read a mask (non-zero = defect), resize with NEAREST, return float32 [1, H, W] in {0, 1}."""
+def load_image(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
+    """Read, resize straight to (H, W) with LANCZOS (None keeps the native size), normalise."""
+    return image_to_tensor(resized_rgb(path, image_size))
+
+
+def resized_mask(path: Path, image_size: tuple[int, int] | None) -> np.ndarray:
+    """Read a mask (non-zero = defect), resize with NEAREST: bool [H, W]."""
     with Image.open(path) as mask:
         values = np.asarray(mask)
     if values.ndim == 3:  # RGB(A) mask: any non-zero colour channel marks a defect
@@ -429,7 +434,12 @@ def load_mask(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
     binary = Image.fromarray(np.where(values != 0, 255, 0).astype(np.uint8), mode="L")
     if image_size is not None and binary.size != (image_size[1], image_size[0]):
         binary = binary.resize((image_size[1], image_size[0]), Image.NEAREST)
-    return torch.from_numpy(np.asarray(binary) != 0).to(torch.float32).unsqueeze(0)
+    return np.asarray(binary) != 0
+
+
+def load_mask(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
+    """Read a mask (non-zero = defect), resize with NEAREST, return float32 [1, H, W] in {0, 1}."""
+    return torch.from_numpy(resized_mask(path, image_size)).to(torch.float32).unsqueeze(0)
 
 
 class AnomalyDataset(Dataset):
@@ -457,6 +467,36 @@ class AnomalyDataset(Dataset):
         if validate:
             validate_class(self.root, class_name)
         self.records: list[ImageRecord] = index_split(self.root, class_name, split)
+        self.decoded = None  # DecodedImages once use_image_cache has run
+
+    def use_image_cache(self, cache_root: str | os.PathLike, data_hash: str, resize: str = "lanczos") -> None:
+        """Read images and masks from the decoded-image cache (harness/image_cache.py) under
+        ``cache_root``, decoding the split into it first if it is not there (or damaged)."""
+        from harness.image_cache import cache_file, decoded_split
+
+        if self.image_size is None:
+            raise ConfigError("the decoded-image cache needs a fixed image_size (images of one size)")
+        class_dir = self.root / self.class_name
+        paths = [record.path.relative_to(class_dir).as_posix() for record in self.records]
+        path = cache_file(Path(cache_root) / self.root.name, self.class_name, self.split, self.image_size,
+                          resize, data_hash)
+        self.decoded = decoded_split(path, paths, self._decode)
+
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """One record as uint8 arrays: RGB [H, W, 3] and mask {0, 1} [H, W], resized."""
+        record = self.records[index]
+        try:
+            image = np.asarray(resized_rgb(record.path, self.image_size))
+            if record.mask is None:
+                mask = np.zeros(image.shape[:2], dtype=np.uint8)
+            else:
+                mask = resized_mask(record.mask, image.shape[:2]).astype(np.uint8)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for broken files
+            raise DatasetError(
+                f"Cannot read {record.path} or its mask {record.mask} ({error}): run "
+                f"validate_class on '{self.class_name}' for a full report, then replace the file."
+            ) from error
+        return image, mask
 
     def __len__(self) -> int:
         return len(self.records)
@@ -467,6 +507,10 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
+        if self.decoded is not None:
+            image = image_to_tensor(self.decoded.images[index])
+            mask = torch.from_numpy(self.decoded.masks[index]).to(torch.float32).unsqueeze(0)
+            return {"image": image, "label": record.label, "mask": mask, "path": str(record.path)}
         try:
             image = load_image(record.path, self.image_size)
             if record.mask is None:

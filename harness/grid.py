@@ -168,9 +168,18 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
     cache = runtime.get("feature_cache", "auto")
     experiment = tracking.get("experiment") or "flowad"
     experiment = f"{experiment}/{run.protocol}" if run.part == "main" else f"{experiment}/ablations"
+    # The official protocol (and the ablations, whose default row is an official run) keeps the
+    # reference precision unless its own settings name another; runtime.precision is for the rest.
+    if run.protocol == REFERENCE_PROTOCOL:
+        precision = loop.get("precision") or "fp32"
+    else:
+        precision = loop.get("precision") or runtime.get("precision", "fp32")
     return RunSettings(
         device=runtime.get("device", "auto"),
-        precision=loop.get("precision") or runtime.get("precision", "fp32"),
+        precision=precision,
+        compile=bool(runtime.get("compile", False)),
+        channels_last=bool(runtime.get("channels_last", False)),
+        image_cache=runtime.get("image_cache"),
         workers=int(runtime.get("workers", 0)),
         seed=seed_value(run.seed),
         feature_cache={"auto": None, "on": True, "off": False, True: True, False: False}[cache],

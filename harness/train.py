@@ -36,6 +36,7 @@ from harness import metrics as M
 from harness.config import RunSettings, RunSpec, to_dict
 from harness.data import AnomalyDataset, dataset_hash
 from harness.errors import ConfigError, HarnessError, TrainingError
+from harness.precision import prepare_model, to_channels_last
 from harness.scoring import Scores, score
 from methods.registry import build_model, create_method
 
@@ -191,21 +192,28 @@ class Trainer:
                 f"{self.config.batch_size}: it would never train. Lower batch_size or set drop_last=false."
             )
         self.data_hash = dataset_hash(root, cls)
+        if self.settings.image_cache:
+            for dataset in (self.train_set, self.test_set):
+                dataset.use_image_cache(self.settings.image_cache, self.data_hash)
         self.generator = seed_everything(self.seed)
         self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
         self.model = build_model(self.config, self.extractor.channels).to(self.device)
         self.optimizer = self.config.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scheduler = self.config.make_scheduler(self.optimizer)
-        amp = self.settings.precision == "amp"
-        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
-        self.amp = amp
+        # bf16 keeps float32's exponent range, so no loss scaling: the scaler stays a pass-through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        prepare_model(self.model, self.device, self.settings.precision, compile=self.settings.compile,
+                      channels_last=self.settings.channels_last)
         progress = self.settings.progress
         if self.feature_cache:
             self.train_features = extract_features(self.extractor, self._loader(self.train_set),
                                                    self.device, progress, "train features")
             self.test_features = extract_features(self.extractor, self._loader(self.test_set),
                                                   self.device, progress, "test features")
+
+    def _flow_input(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Features in the memory layout the flows were prepared for."""
+        return [to_channels_last(f) for f in features] if self.settings.channels_last else features
 
     # -- one epoch ----------------------------------------------------------------------------
 
@@ -259,11 +267,11 @@ class Trainer:
     def _batch_losses(self, features: list[torch.Tensor]):
         """One loss per optimiser step. Most methods take one step per image batch; a method may
         define ``training_losses(features)`` to take several (CFlow's fiber batches)."""
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
-            if hasattr(self.model, "training_losses"):
-                yield from self.model.training_losses(features)
-            else:
-                yield self.model.loss(self.model(features))
+        features = self._flow_input(features)
+        if hasattr(self.model, "training_losses"):
+            yield from self.model.training_losses(features)
+        else:
+            yield self.model.loss(self.model(features))
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -283,8 +291,7 @@ class Trainer:
         else:
             batches = (self.extractor(b["image"].to(self.device)) for b in self._loader(dataset))
         for features in batches:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
-                out = self.model(features)
+            out = self.model(self._flow_input(features))
             self.latent_channels = [z.shape[1] for z in out.latents]
             parts.append([m.float().half().cpu() for m in self.model.log_likelihood_maps(out)])
         return [torch.cat(scale) for scale in zip(*parts)]
