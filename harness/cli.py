@@ -32,13 +32,18 @@ DEMO_ROOT = Path("demo")
 
 def _add_run_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "amp"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "amp"],
+                   help="fp32 (reference) | tf32 (CUDA tensor cores) | bf16 (flow subnets; amp = bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the flows")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and feature maps")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--seed", type=int, default=None, help="default: the method's own seed")
     p.add_argument("--epochs", type=int, default=None, help="default: the method's own budget")
     p.add_argument("--eval-every", type=int, default=None, help="default: the method's own interval")
     p.add_argument("--feature-cache", choices=["auto", "on", "off"], default="auto",
                    help="compute frozen backbone features once per class (auto: on without augmentation)")
+    p.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="keep decoded, resized images in DIR for every later run (default: off)")
     p.add_argument("--random-weights", action="store_true",
                    help="random backbone weights (tests and offline demos only; never a reproduction)")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=SOURCE",
@@ -55,9 +60,10 @@ def _settings(args: argparse.Namespace):
     from harness.weights import parse_sources
 
     return RunSettings(
-        device=args.device, precision=args.precision, workers=args.workers, seed=args.seed,
+        device=args.device, precision=args.precision, compile=args.compile, channels_last=args.channels_last,
+        workers=args.workers, seed=args.seed,
         epochs=args.epochs, eval_every=args.eval_every,
-        feature_cache={"auto": None, "on": True, "off": False}[args.feature_cache],
+        feature_cache={"auto": None, "on": True, "off": False}[args.feature_cache], image_cache=args.image_cache,
         pretrained=not args.random_weights, weights=parse_sources(args.weights, "--weights"),
         progress=not args.quiet,
         tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,

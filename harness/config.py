@@ -18,7 +18,17 @@ import yaml
 
 from harness.errors import ConfigError
 
-PRECISIONS = ("fp32", "amp")
+# harness/precision.py says what each does; "amp" is the earlier name of bf16.
+PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISION_ALIASES = {"amp": "bf16"}
+
+
+def canonical_precision(name: str) -> str:
+    """The precision a setting names (``amp`` -> ``bf16``), or a ConfigError naming the choices."""
+    name = PRECISION_ALIASES.get(name, name)
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision={name!r} is not known; use one of {(*PRECISIONS, *PRECISION_ALIASES)}")
+    return name
 
 
 @dataclass
@@ -26,10 +36,13 @@ class RunSettings:
     """How a run is executed; identical for every method (the point of a shared loop)."""
 
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    precision: str = "fp32"  # "amp": autocast + GradScaler on cuda, bfloat16 autocast on cpu
+    precision: str = "fp32"  # fp32 | tf32 | bf16 (harness/precision.py); "amp" is read as bf16
+    compile: bool = False  # torch.compile of the flows (forward and backward)
+    channels_last: bool = False  # NHWC weights and feature maps (tensor-core convolutions on a GPU)
     workers: int = 0
     seed: int | None = None  # None = the method's own default seed
     feature_cache: bool | None = None  # None = on when the method trains without augmentation
+    image_cache: str | None = None  # a folder for decoded, resized images (harness/image_cache.py); None = off
     epochs: int | None = None  # None = the method's own budget
     eval_every: int | None = None  # None = the method's own evaluation interval
     pretrained: bool = True  # random backbone weights are for tests only, never for reported numbers
@@ -43,8 +56,7 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, "run setting")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r} is not known; use one of {PRECISIONS}")
+        self.precision = canonical_precision(self.precision)
         from harness.weights import parse_sources
 
         self.weights = parse_sources(self.weights)

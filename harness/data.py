@@ -521,6 +521,11 @@ class Preprocessing:
                 "the standard deviations positive"
             )
 
+    @property
+    def eight_bit(self) -> bool:
+        """Whether the resized image is 8-bit (a PIL filter), so the decoded-image cache holds it exactly."""
+        return self.image_resize in _PIL_FILTERS
+
     def key(self) -> str:
         mean = ",".join(f"{v:g}" for v in self.mean)
         std = ",".join(f"{v:g}" for v in self.std)
@@ -549,12 +554,17 @@ def normalise(pixels: torch.Tensor, preprocessing: Preprocessing = DEFAULT_PREPR
 def resize_image(image: Image.Image, image_size: tuple[int, int] | None, method: str = "lanczos") -> torch.Tensor:
     """An 8-bit RGB image resized straight to (H, W) (None keeps the native size), as a float32
     [3, H, W] tensor in [0, 1] (not normalised)."""
-    if image_size is None or image.size == (image_size[1], image_size[0]):
-        return to_unit_tensor(image)
-    if method == "bilinear_antialias":
+    if method == "bilinear_antialias" and image_size is not None and image.size != (image_size[1], image_size[0]):
         pixels = to_unit_tensor(image)[None]
         return F.interpolate(pixels, size=tuple(image_size), mode="bilinear", align_corners=False, antialias=True)[0]
-    return to_unit_tensor(image.resize((image_size[1], image_size[0]), _PIL_FILTERS[method]))
+    return to_unit_tensor(resize_rgb(image, image_size, method))
+
+
+def resize_rgb(image: Image.Image, image_size: tuple[int, int] | None, method: str = "lanczos") -> Image.Image:
+    """An 8-bit RGB image resized with a PIL filter (the resize methods whose output is 8-bit)."""
+    if image_size is None or image.size == (image_size[1], image_size[0]):
+        return image
+    return image.resize((image_size[1], image_size[0]), _PIL_FILTERS[method])
 
 
 def load_image(path: Path, image_size: tuple[int, int] | None,
@@ -620,6 +630,42 @@ class AnomalyDataset(Dataset):
         if validate:
             validate_class(self.root, class_name)
         self.records: list[ImageRecord] = index_split(self.root, class_name, split)
+        self.decoded = None  # DecodedImages once use_image_cache has run
+
+    def use_image_cache(self, cache_root: str | os.PathLike, data_hash: str) -> None:
+        """Read images and masks from the decoded-image cache (harness/image_cache.py) under
+        ``cache_root``, decoding the split into it first if it is not there (or damaged)."""
+        from harness.image_cache import cache_file, decoded_split
+
+        if self.image_size is None:
+            raise ConfigError("the decoded-image cache needs a fixed image_size (images of one size)")
+        if not self.preprocessing.eight_bit:
+            raise ConfigError(
+                f"the decoded-image cache keeps 8-bit pixels, and image_resize={self.preprocessing.image_resize!r} "
+                "resizes in floating point: its images would change; read them without the cache"
+            )
+        resize = f"{self.preprocessing.image_resize}_{self.preprocessing.mask_resize}"
+        class_dir = self.root / self.class_name
+        paths = [record.path.relative_to(class_dir).as_posix() for record in self.records]
+        path = cache_file(Path(cache_root) / self.root.name, self.class_name, self.split, self.image_size,
+                          resize, data_hash)
+        self.decoded = decoded_split(path, paths, self._decode)
+
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """One record as uint8 arrays: RGB [H, W, 3] and mask {0, 1} [H, W], resized."""
+        record = self.records[index]
+        try:
+            image = np.asarray(resize_rgb(read_rgb(record.path), self.image_size, self.preprocessing.image_resize))
+            if record.mask is None:
+                mask = np.zeros(image.shape[:2], dtype=np.uint8)
+            else:
+                mask = load_mask(record.mask, image.shape[:2], self.preprocessing.mask_resize)[0].numpy().astype(np.uint8)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for broken files
+            raise DatasetError(
+                f"Cannot read {record.path} or its mask {record.mask} ({error}): run "
+                f"validate_class on '{self.class_name}' for a full report, then replace the file."
+            ) from error
+        return image, mask
 
     def __len__(self) -> int:
         return len(self.records)
@@ -630,6 +676,10 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
+        if self.decoded is not None:
+            image = image_to_tensor(self.decoded.images[index], self.preprocessing)
+            mask = torch.from_numpy(self.decoded.masks[index]).to(torch.float32).unsqueeze(0)
+            return {"image": image, "label": record.label, "mask": mask, "path": str(record.path)}
         try:
             image = load_image(record.path, self.image_size, self.preprocessing)
             if record.mask is None:

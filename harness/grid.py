@@ -166,7 +166,8 @@ def ablation_runs(params: dict[str, Any]) -> Iterator[GridRun]:
 # --------------------------------------------------------------------------- execution
 
 
-RUNTIME_KEYS = ("device", "precision", "workers", "feature_cache", "pretrained", "progress", "keep_checkpoints")
+RUNTIME_KEYS = ("device", "precision", "compile", "channels_last", "workers", "feature_cache", "image_cache",
+                "pretrained", "weights", "progress", "keep_checkpoints", "slurm")
 TRACKING_KEYS = ("enabled", "uri", "experiment")
 LOOP_KEYS = ("epochs", "eval_every", "precision")
 FEATURE_CACHE = {"auto": None, "on": True, "off": False, True: True, False: False}
@@ -187,9 +188,18 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
         raise ConfigError(f"params.yaml runtime.keep_checkpoints={keep!r} must be true or false (no quotes)")
     experiment = tracking.get("experiment") or "flowad"
     experiment = f"{experiment}/{run.protocol}" if run.part == "main" else f"{experiment}/ablations"
+    # The official protocol (and the ablations, whose default row is an official run) keeps the
+    # reference precision unless its own settings name another; runtime.precision is for the rest.
+    if run.protocol == REFERENCE_PROTOCOL:
+        precision = loop.get("precision") or "fp32"
+    else:
+        precision = loop.get("precision") or runtime.get("precision", "fp32")
     return RunSettings(
         device=runtime.get("device", "auto"),
-        precision=loop.get("precision") or runtime.get("precision", "fp32"),
+        precision=precision,
+        compile=runtime.get("compile", False),
+        channels_last=runtime.get("channels_last", False),
+        image_cache=runtime.get("image_cache"),
         workers=runtime.get("workers", 0),
         seed=seed_value(run.seed),
         feature_cache=FEATURE_CACHE[cache],

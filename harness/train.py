@@ -39,6 +39,7 @@ from harness.config import DISPLAY_SETTINGS, RunSettings, RunSpec, to_dict
 from harness.data import AnomalyDataset, dataset_hash, resize_masks
 from harness.errors import ConfigError, HarnessError, TrainingError
 from harness.manifest import check_installed
+from harness.precision import prepare_model, to_channels_last
 from harness.scoring import Scores, score
 from harness.weights import weight_sources
 from methods.registry import build_model, create_method
@@ -248,6 +249,9 @@ class Trainer:
                 f"{self.config.batch_size}: it would never train. Lower batch_size or set drop_last=false."
             )
         self.data_hash = dataset_hash(root, cls)
+        if self.settings.image_cache and self.preprocessing.eight_bit:  # float resizing is not cached
+            for dataset in (self.train_set, self.test_set):
+                dataset.use_image_cache(self.settings.image_cache, self.data_hash)
         self.generator = seed_everything(self.seed)
         with weight_sources(self.settings.weights) as used:
             self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
@@ -255,10 +259,10 @@ class Trainer:
         self.model = build_model(self.config, self.extractor.channels).to(self.device)
         self.optimizer = self.config.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scheduler = self.config.make_scheduler(self.optimizer)
-        amp = self.settings.precision == "amp"
-        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
-        self.amp = amp
+        # bf16 keeps float32's exponent range, so no loss scaling: the scaler stays a pass-through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        prepare_model(self.model, self.device, self.settings.precision, compile=self.settings.compile,
+                      channels_last=self.settings.channels_last)
         progress = self.settings.progress
         if self.feature_cache:
             self.train_features = extract_features(self.extractor, self._loader(self.train_set),
@@ -272,6 +276,10 @@ class Trainer:
         check_installed(root, [self.spec.class_name], repair=(
             f"Nothing was trained. Reinstall the data: `python -m harness fetch {root.name} --data-root "
             f"{root.parent} --force` (or `generate --out {root}` for the embedded set)."))
+
+    def _flow_input(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Features in the memory layout the flows were prepared for."""
+        return [to_channels_last(f) for f in features] if self.settings.channels_last else features
 
     # -- one epoch ----------------------------------------------------------------------------
 
@@ -325,11 +333,11 @@ class Trainer:
     def _batch_losses(self, features: list[torch.Tensor]):
         """One loss per optimiser step. Most methods take one step per image batch; a method may
         define ``training_losses(features)`` to take several (CFlow's fiber batches)."""
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
-            if hasattr(self.model, "training_losses"):
-                yield from self.model.training_losses(features)
-            else:
-                yield self.model.loss(self.model(features))
+        features = self._flow_input(features)
+        if hasattr(self.model, "training_losses"):
+            yield from self.model.training_losses(features)
+        else:
+            yield self.model.loss(self.model(features))
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -354,8 +362,7 @@ class Trainer:
         else:
             batches = (self.extractor(b["image"].to(self.device)) for b in self._loader(dataset))
         for features in batches:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
-                out = self.model(features)
+            out = self.model(self._flow_input(features))
             self.latent_channels = [z.shape[1] for z in out.latents]
             parts.append([m.float().cpu() for m in self.model.log_likelihood_maps(out)])
         return [torch.cat(scale) for scale in zip(*parts)]
