@@ -27,12 +27,13 @@ Then the per-scale maps are upsampled bilinearly to the output size, the minimum
 taken and log10 N_tests is added: the result is a log10 NFA map, and a pixel is detected when
 log10 NFA < 0 (NFA < 1).
 
-Deliberate deviation (``official_lower_tail``). The Chernoff expression bounds the UPPER tail only
+The lower tail (``official_lower_tail``). The Chernoff expression bounds the UPPER tail only
 for x > C; for x <= C the true tail probability is at least about 1/2, yet the expression is
 again negative (x/C - 1 - ln(x/C) >= 0 for every x). The reference applies it there too, so a
 region of slightly under-dispersed latents (x a little below C, e.g. z ~ N(0, 0.9)) covering the
-image becomes hugely "significant" and the whole image is flagged. By default we use log10 P = 0
-(no evidence) for x <= C; ``official_lower_tail=True`` reproduces the reference behaviour.
+image becomes hugely "significant" and the whole image is flagged. ``official_lower_tail=True``
+reproduces the reference (U-Flow's default, the official protocol); False uses log10 P = 0 (no
+evidence) for x <= C (these functions' default, and the unified protocol's).
 """
 
 from __future__ import annotations
