@@ -21,8 +21,8 @@ jobs this command submitted, and only those.
 
 Job states come from ``sacct`` where the cluster keeps accounting, else from ``squeue`` /
 ``scontrol`` (which know a job until ``MinJobAge`` after it ends). ``cluster="local"`` runs the
-same jobs with submitit's local executor (one process per job, no time limit enforcement other
-than submitit's own, no SLURM states): the tests use it where SLURM is not installed.
+same jobs with submitit's local executor (one process per job, all at once; no SLURM states):
+the tests use it where SLURM is not installed.
 """
 
 from __future__ import annotations

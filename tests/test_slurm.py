@@ -198,6 +198,18 @@ def test_ctrl_c_cancels_only_this_commands_jobs(cluster, tmp_path):
         subprocess.run(["scancel", other], check=False)
 
 
+def test_settings_reach_the_sbatch_script(cluster, tmp_path):
+    settings = slurm.SlurmSettings(partition="gpu", account="proj42", qos="high", time="1:30:00", gpus_per_run=1,
+                                   cpus_per_run=8, mem_gb_per_run=32, max_jobs=7, sbatch=["--constraint=a100"],
+                                   setup=["module load cuda"])
+    executor = slurm.make_executor(tmp_path, settings, runs_per_job=2)
+    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--account=proj42", "--qos=high", "--time=90", "--cpus-per-task=16",
+                 "--mem=64GB", "--gpus-per-node=1", "--constraint=a100"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "module load cuda" in script and executor._executor.parameters["array_parallelism"] == 7
+
+
 TINY = {"backbone": "resnet18.tv_in1k", "input_size": [32, 32], "input_size_overrides": {},
         "parallel_blocks": [1, 1, 1], "batch_size": 20, "meta_epochs": 1, "sub_epochs": 1,
         "warmup_meta_epochs": 0}
