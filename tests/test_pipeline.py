@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import demo, grid, repro
+from harness import grid, repro
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -82,26 +82,9 @@ def test_each_run_depends_on_its_own_settings_only(stages):
 
 # --------------------------------------------------------------------------- a tiny pipeline
 
-TINY = {"backbone": "resnet18.tv_in1k", "input_size": [32, 32], "input_size_overrides": {},
-        "parallel_blocks": [1, 1, 1], "batch_size": 20, "meta_epochs": 1, "sub_epochs": 1,
-        "warmup_meta_epochs": 0}
-
-
 @pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipeline") / "demo"
-    demo.init_project(out, methods=["msflow"])
-    params = yaml.safe_load((out / "params.yaml").read_text())
-    params["datasets"]["embedded"]["classes"] = ["washer"]
-    params["methods"]["msflow"]["all"] = dict(TINY)
-    params["protocols"] = {"official": params["protocols"]["official"]}
-    params["ablations"]["classes"] = ["washer"]
-    params["ablations"]["train"] = {"fusion_off": params["ablations"]["train"]["fusion_off"]}
-    params["ablations"]["rescore"] = {"full_mean": params["ablations"]["rescore"]["full_mean"]}
-    (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    repro.reproduce(out, jobs=2, progress=False)  # the training runs side by side, as in the demo
-    demo.commit(out, "tiny pipeline")  # the baseline `dvc exp` compares with, as `flowad demo` does
-    return out
+def tiny_project(tiny_pipeline) -> Path:
+    return tiny_pipeline
 
 
 @pytest.mark.slow
