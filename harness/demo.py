@@ -194,6 +194,6 @@ def run_demo(out: Path = Path("demo"), progress: bool = True, jobs: int | None =
     tables = out / "results"
     print(f"\n{NOTICE}\n\nDemo pipeline finished in {time.perf_counter() - start:.0f} s. Tables: "
           f"{tables / 'README.md'}; runs: {out / 'runs'}; settings: {out / 'params.yaml'}.\n"
-          f"MLflow: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
-          f"sqlite:///{(out / 'mlflow.db').resolve().as_posix()}")
+          f"MLflow (artifacts are served from the folder the UI starts in): cd {out} && "
+          f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///mlflow.db")
     return tables

@@ -674,7 +674,8 @@ def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: boo
     id_file = spec.out_dir / TRACKING_ID
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None
     seed = settings.seed if settings.seed is not None else trainer.config.seed
-    name_variant = labels["protocol"] if labels["variant"] == "default" else labels["variant"]
+    in_grid = labels["protocol"] != "none"
+    name_variant = labels["protocol"] if labels["variant"] == "default" and in_grid else labels["variant"]
     tracker = Tracker(
         uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
         run_name=run_name(spec.method, spec.dataset, spec.class_name, name_variant, seed),
