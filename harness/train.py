@@ -387,6 +387,9 @@ class Trainer:
         if tracker is not None:
             tracker.log_params({"method": self.spec.method, "class": self.spec.class_name,
                                 "dataset": self.spec.dataset, **record["config"]})
+            weights = "; ".join(f"{w['backbone']}: {w['label']}" for w in self.weights_used)
+            tracker.set_tags({"backbone_weights": weights,
+                              "pretrained": str(any(w["source"] != "random" for w in self.weights_used)).lower()})
             tracker.log_record(record)
 
         result = None
