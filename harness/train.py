@@ -500,6 +500,9 @@ class Trainer:
         tracker = self.tracker
         if tracker is not None:
             tracker.log_params(self.tracking_params())
+            weights = "; ".join(f"{w['backbone']}: {w['label']}" for w in self.weights_used)
+            tracker.set_tags({"backbone_weights": weights,
+                              "pretrained": str(any(w["source"] != "random" for w in self.weights_used)).lower()})
             tracker.log_record(record)
 
         result = None

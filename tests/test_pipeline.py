@@ -64,7 +64,8 @@ def test_each_run_depends_on_its_own_settings_only(stages):
     params = grid.load(PROJECT / "params.yaml")
     cflow = stages["main_mvtec_ad@official-cflow-bottle-0"]
     assert cflow["params"] == sorted(["methods.cflow.all", "methods.cflow.mvtec_ad", "protocols.official.settings",
-                                      "protocols.official.methods.cflow", "runtime.precision", "runtime.pretrained"])
+                                      "protocols.official.methods.cflow", "runtime.precision", "runtime.pretrained",
+                                      "runtime.weights"])
     assert "datasets/mvtec_ad/bottle" in cflow["deps"]
     assert "methods/cflow.py" in cflow["deps"] and "methods/msflow.py" not in cflow["deps"]
     unified = stages["main_mtd@unified-msflow-magnetic_tile-0"]
