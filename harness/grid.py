@@ -180,6 +180,7 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
         compile=bool(runtime.get("compile", False)),
         channels_last=bool(runtime.get("channels_last", False)),
         image_cache=runtime.get("image_cache"),
+        figures=bool(runtime.get("figures", True)),
         workers=int(runtime.get("workers", 0)),
         seed=seed_value(run.seed),
         feature_cache={"auto": None, "on": True, "off": False, True: True, False: False}[cache],
