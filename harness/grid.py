@@ -167,7 +167,7 @@ def ablation_runs(params: dict[str, Any]) -> Iterator[GridRun]:
 
 
 RUNTIME_KEYS = ("device", "precision", "compile", "channels_last", "workers", "feature_cache", "image_cache",
-                "pretrained", "weights", "progress", "keep_checkpoints", "slurm")
+                "figures", "pretrained", "weights", "progress", "keep_checkpoints", "slurm")
 TRACKING_KEYS = ("enabled", "uri", "experiment")
 LOOP_KEYS = ("epochs", "eval_every", "precision")
 FEATURE_CACHE = {"auto": None, "on": True, "off": False, True: True, False: False}
@@ -200,6 +200,7 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
         compile=runtime.get("compile", False),
         channels_last=runtime.get("channels_last", False),
         image_cache=runtime.get("image_cache"),
+        figures=runtime.get("figures", True),
         workers=runtime.get("workers", 0),
         seed=seed_value(run.seed),
         feature_cache=FEATURE_CACHE[cache],

@@ -103,7 +103,7 @@ def test_channels_last_agrees_with_contiguous():
 def test_compiled_flows_agree_with_eager_forward_and_backward():
     # The graphs torch.compile captures (TorchDynamo, AOTAutograd's forward and backward), run
     # without inductor's code generation, which takes minutes on two CPU cores.
-    overrides = dict(parallel_blocks=(1, 1, 2))
+    overrides = dict(parallel_blocks=(1, 1, 1))
     features = fixed_batch(2)
     reference, model = msflow(**overrides), msflow(**overrides)
     assert compile_flows(model, backend="aot_eager") == 4  # three parallel flows and the fusion coupling
@@ -120,10 +120,10 @@ def test_compiled_flows_agree_with_eager_forward_and_backward():
 
 @pytest.fixture(scope="module")
 def larger_test_set(tmp_path_factory):
-    """One embedded class with 30 good and 30 defective test images: 900 pairs, so one swapped
-    pair moves image AUROC by 0.11 points."""
+    """One embedded class with 40 good and 45 defective test images: 1,800 pairs, so one swapped
+    pair moves image AUROC by 0.06 points."""
     return generate_embedded(tmp_path_factory.mktemp("precision") / "data", seed=0, image_size=64,
-                             n_test_good=30, n_test_per_defect=10, classes=["granite"])
+                             n_test_good=40, n_test_per_defect=15, classes=["granite"])
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_short_bf16_run_within_half_a_point_of_fp32(larger_test_set, tmp_path):
     from harness.train import Trainer
 
     small = {"backbone": "resnet18.tv_in1k", "input_size": (64, 64), "parallel_blocks": (1, 1, 2),
-             "batch_size": 8, "warmup_meta_epochs": 0, "lr": 1e-3}
+             "batch_size": 8, "warmup_meta_epochs": 0, "lr": 2e-4}
     results = {}
     for precision in ("fp32", "bf16"):
         spec = RunSpec(method="msflow", data_root=larger_test_set, class_name="granite",
