@@ -65,7 +65,8 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
     demo["profile"] = "demo"
     code = os.path.relpath(PROJECT, out.resolve())
     demo["paths"] = {"code": Path(code).as_posix(), "data": "data", "runs": "runs",
-                     "published": (Path(code) / "results" / "published").as_posix(), "tables": "results"}
+                     "published": (Path(code) / "results" / "published").as_posix(), "results": ".",
+                     "tables": "results"}
     demo["prepare"] = {"embedded": "harness/synthetic.py"}
     for card in demo["datasets"].values():
         card["classes"] = []
