@@ -12,9 +12,10 @@ Verbs
   prepare NAME      install one dataset of the pipeline (fetch it, or generate the embedded one)
   run PART          train one run of the experiment grid in params.yaml (a dvc.yaml stage)
   rescore           the scoring ablations: re-score the reference runs' stored maps
-  tables            every table (CSV, LaTeX, Markdown) from the runs and the published figures
+  verify            a verdict for every published figure the grid covers and every ablation claim
   figures           per class a map grid with one row per method, and every run's curve data
   metrics           every finished run's metrics, one file per run, for `dvc metrics` and `dvc exp show`
+  tables            every table (CSV, LaTeX, Markdown) from the runs, the verdicts and the published figures
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method")
     p.add_argument("--size", type=int, nargs="+", default=None, help="input H [W] (default: method's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--vs-csflow", action="store_true",
+                   help="msflow only: the fusion flow against CS-Flow's cross-scale flows on the same features")
 
     p = verbs.add_parser("demo", help="the main job on the embedded dataset, offline")
     p.add_argument("--out", type=Path, default=DEMO_ROOT)
@@ -160,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("rescore", help="the scoring ablations from the reference runs' stored maps")
     p.add_argument("variants", nargs="*", help="variants of params.yaml `ablations.rescore` (default: all)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+    p = verbs.add_parser("verify", help="verdicts for the published figures and the ablation claims")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
 
     p = verbs.add_parser("tables", help="write every table from the runs and the published figures")
@@ -224,6 +230,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     from harness.profile import method_info
 
     size = tuple(args.size * 2 if args.size and len(args.size) == 1 else args.size or ()) or None
+    if args.vs_csflow:
+        from harness.errors import ConfigError
+        from harness.profile import fusion_vs_cross_scale
+
+        if args.method != "msflow":
+            raise ConfigError("--vs-csflow compares MSFlow's fusion flow: use `flowad info msflow --vs-csflow`")
+        print(json.dumps(fusion_vs_cross_scale(parse_overrides(args.overrides), size), indent=2))
+        return
     print(json.dumps(method_info(args.method, parse_overrides(args.overrides), size), indent=2))
 
 
@@ -284,6 +298,19 @@ def cmd_rescore(args: argparse.Namespace) -> None:
         print(f"written {out}")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from harness.verify import results_folder, write_report
+
+    report = write_report(args.params)
+    summary = report.summary()
+    figures = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["figures"].items() if k != "total")
+    claims = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["claims"].items() if k != "total")
+    print(f"{summary['figures']['total']} published figures: {figures}\n{summary['claims']['total']} claims: {claims}")
+    from harness import grid
+
+    print(f"written to {results_folder(grid.load(args.params))}/: verify.json, verify.csv, verify_claims.csv, runs.csv")
+
+
 def cmd_tables(args: argparse.Namespace) -> None:
     from harness.tables import build_tables
 
@@ -308,7 +335,7 @@ def cmd_metrics(args: argparse.Namespace) -> None:
 COMMANDS = {"fetch": cmd_fetch, "generate": cmd_generate, "validate": cmd_validate, "train": cmd_train,
             "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "repro": cmd_repro, "prepare": cmd_prepare,
             "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables, "figures": cmd_figures,
-            "metrics": cmd_metrics}
+            "metrics": cmd_metrics, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,7 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
     # Absolute paths to the project and its interpreter, relative ones inside the demo: the demo
     # folder can be copied or moved, and runs with this installation wherever it is.
     demo["paths"] = {"python": Path(sys.executable).as_posix(), "code": PROJECT.as_posix(), "data": "data",
-                     "runs": "runs", "published": (PROJECT / "results" / "published").as_posix(),
+                     "runs": "runs", "results": ".", "published": (PROJECT / "results" / "published").as_posix(),
                      "tables": "results", "figures": "figures", "plots": "plots", "metrics": "metrics"}
     demo["prepare"] = {"embedded": "harness/synthetic.py"}
     for card in demo["datasets"].values():

@@ -47,7 +47,8 @@ def test_dvc_yaml_expands_to_the_grid(stages):
     assert sum(name.startswith("ablation@") for name in stages) == len(train)
     assert "rescore" in stages
     assert {n for n in stages if n.startswith("prepare@")} == {f"prepare@{d}" for d in params["prepare"]}
-    assert "tables" in stages
+    assert "tables" in stages and "verify" in stages
+    assert "results/verify.json" in stages["verify"]["outs"] and "results/verify.json" in stages["tables"]["deps"]
     # 15 MVTec AD classes, the MTD class, 12 mSTC scenes; 2 protocols; 5 methods; seeds.
     n_classes = sum(len(c["classes"]) for c in params["datasets"].values())
     assert len(runs) == n_classes * 2 * len(params["methods"]) * len(params["seeds"])
@@ -168,5 +169,5 @@ def test_second_repro_does_nothing_and_a_change_reruns_only_its_stage(tiny_proje
     params["ablations"]["train"]["fusion_off"]["set"]["clamp"] = 1.5
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(dvc("status", "--json", cwd=tiny_project)))
-    # the tables, figures and metrics read every setting of the ablations, so they are rebuilt as well
-    assert changed == {"ablation@fusion_off-washer-0", "tables", "figures", "metrics"}
+    # the verdicts, tables, figures and metrics read every setting of the ablations, so they are rebuilt as well
+    assert changed == {"ablation@fusion_off-washer-0", "verify", "tables", "figures", "metrics"}
