@@ -169,6 +169,13 @@ def stage_stride(architecture: str, block_stage: int) -> int:
     return stride
 
 
+@lru_cache(maxsize=4)
+def _meta_model(architecture: str) -> nn.Module:
+    """An empty (meta-device) timm model: shapes without weights or memory."""
+    with torch.device("meta"):
+        return timm.create_model(architecture, pretrained=False)
+
+
 def static_same_pads(architecture: str, block_stage: int, build_size: int) -> dict[str, tuple[int, int, int, int]]:
     """The fixed (left, right, top, bottom) zero padding of every dynamically padded convolution
     of the stem and blocks[0 .. block_stage], as efficientnet_pytorch 0.7 computes it once for a
@@ -177,8 +184,7 @@ def static_same_pads(architecture: str, block_stage: int, build_size: int) -> di
     half on the left / top. Keys are module names of the timm model.
 
     The input sizes at build size are read by running an empty (meta) copy of the network."""
-    with torch.device("meta"):
-        model = timm.create_model(architecture, pretrained=False)
+    model = _meta_model(architecture)
     sizes: dict[str, tuple[int, int]] = {}
     hooks = [
         module.register_forward_pre_hook(lambda m, args, name=name: sizes.__setitem__(name, args[0].shape[-2:]))
