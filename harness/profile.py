@@ -87,3 +87,56 @@ def method_info(method: str, overrides: dict[str, Any] | None = None,
         "note": "GMAC = 1e9 multiply-accumulates counted by torch FlopCounterMode (convolutions and "
                 "matrix products); GFLOPs = 2 x GMAC. Papers often call GMAC 'GFLOPs'.",
     }
+
+
+def fusion_vs_cross_scale(overrides: dict[str, Any] | None = None,
+                          size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """MSFlow's fusion flow against CS-Flow's cross-scale flows on the same features (the paper's
+    efficiency claim: -93 % flow compute): trainable parameters and forward multiply-accumulates
+    of MSFlow's parallel flows, its fusion flow, and CS-Flow's four cross-scale coupling blocks
+    (official kernel sizes and hidden width) built on MSFlow's pooled stage maps."""
+    from harness.errors import ConfigError
+    from harness.flows import seeded_construction
+    from methods.csflow import CSFlowConfig, CrossScaleBlock
+    from methods.registry import build_model, create_method
+
+    config = create_method("msflow", **(overrides or {}))
+    height, width = size or config.input_size_for("")
+    # Shapes only: the backbone and the flows run on the meta device (no memory, no arithmetic);
+    # MSFlow's flows are built on the CPU first (their permutations are written at construction).
+    with torch.device("meta"):
+        extractor = config.feature_extractor(pretrained=False).eval()
+        features = extractor(torch.zeros(1, 3, height, width))
+    model = build_model(config, extractor.channels).eval().to("meta")
+    if model.fusion_flow is None:
+        raise ConfigError("the fusion comparison needs MSFlow with fusion=true")
+    parallel = forward_gmacs_by_component(model, features)
+    with torch.no_grad():
+        latents = model(features).latents
+    fusion_gmacs = forward_gmacs(model.fusion_flow, latents)
+    cs = CSFlowConfig()
+    with torch.device("meta"), seeded_construction(cs.seed) as generator:
+        cross_scale = nn.ModuleList(
+            CrossScaleBlock(extractor.channels, k, cs.hidden_channels, cs.leaky_slope, cs.clamp, generator)
+            for k in cs.kernel_sizes
+        ).eval()
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        xs = list(features)
+        for block in cross_scale:
+            xs, _ = block(xs)
+    cross_gmacs = counter.get_total_flops() / 2e9
+    parallel_gmacs = sum(v for k, v in parallel.items() if k.startswith("parallel_flows."))
+    return {
+        "input_size": [height, width],
+        "feature_shapes": [list(f.shape[1:]) for f in features],
+        "parallel_flows": {"parameters": sum(_trainable(f.parameters()) for f in model.parallel_flows),
+                           "gmacs": parallel_gmacs},
+        "fusion_flow": {"parameters": _trainable(model.fusion_flow.parameters()), "gmacs": fusion_gmacs},
+        "cross_scale_flow": {"parameters": _trainable(cross_scale.parameters()), "gmacs": cross_gmacs,
+                             "blocks": len(cs.kernel_sizes), "kernel_sizes": list(cs.kernel_sizes),
+                             "hidden_channels": cs.hidden_channels},
+        "fusion_compute_vs_cross_scale": fusion_gmacs / cross_gmacs - 1,
+        "note": "CS-Flow's coupling blocks (methods/csflow.py) on MSFlow's features; GMAC as in method_info.",
+    }

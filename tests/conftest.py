@@ -30,3 +30,31 @@ def train_small(embedded_root, tmp_path_factory):
         return trainer, trainer.fit()
 
     return train
+
+
+TINY_PIPELINE_MSFLOW = {"backbone": "resnet18.tv_in1k", "input_size": [32, 32], "input_size_overrides": {},
+                        "parallel_blocks": [1, 1, 1], "batch_size": 20, "meta_epochs": 1, "sub_epochs": 1,
+                        "warmup_meta_epochs": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The demo's DVC project cut down to one class, MSFlow only, one epoch, reproduced once (the
+    training runs side by side, as in the demo). Tests that change it say so; others copy it."""
+    import yaml
+
+    from harness import demo, repro
+
+    out = tmp_path_factory.mktemp("pipeline") / "demo"
+    demo.init_project(out, methods=["msflow"])
+    params = yaml.safe_load((out / "params.yaml").read_text())
+    params["datasets"]["embedded"]["classes"] = ["washer"]
+    params["methods"]["msflow"]["all"] = dict(TINY_PIPELINE_MSFLOW)
+    params["protocols"] = {"official": params["protocols"]["official"]}
+    params["ablations"]["classes"] = ["washer"]
+    params["ablations"]["train"] = {"fusion_off": params["ablations"]["train"]["fusion_off"]}
+    params["ablations"]["rescore"] = {"full_mean": params["ablations"]["rescore"]["full_mean"]}
+    (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repro.reproduce(out, jobs=2, progress=False)
+    demo.commit(out, "tiny pipeline")  # the baseline `dvc exp` compares with, as `flowad demo` does
+    return out

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import harness.features as features
+import harness.weights as weights
 from harness.errors import ConfigError, HarnessError
 from harness.features import FeatureExtractor, create_backbone
 
@@ -93,11 +94,13 @@ def test_missing_pretrained_weights_give_instructions(monkeypatch):
         raise AssertionError("only the pretrained path is exercised here")
 
     monkeypatch.setattr(features.timm, "create_model", offline)
+    monkeypatch.setattr(weights, "_hub_cached_file", lambda name: ("timm/" + name, None))
+    monkeypatch.setattr(weights, "_hub_reachable", lambda timeout=3.0: True)
     with pytest.raises(HarnessError) as error:
         create_backbone("wide_resnet50_2.tv_in1k", pretrained=True)
     message = str(error.value)
     assert "wide_resnet50_2.tv_in1k" in message and "huggingface" in message
-    assert "HF_HUB_OFFLINE" in message and "weights_path" in message
+    assert "--weights wide_resnet50_2.tv_in1k=" in message and "runtime.weights" in message
 
 
 def test_bad_weights_path(tmp_path):

@@ -93,8 +93,16 @@ def test_mlflow_has_params_per_epoch_metrics_and_artifacts(tracked_run):
     assert run.data.params["method"] == "msflow"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, 5))
     assert [m.step for m in client.get_metric_history(run_id, "image_auroc")] == [2, 4]
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"anomaly_maps.png", "roc_image.png", "metrics.json"} <= artifacts
+    # the final model's extras and the best epochs once, under their own names; nothing twice
+    assert not [k for k in run.data.metrics if k.startswith("final_")]
+    assert [m.step for m in client.get_metric_history(run_id, "miou_fair")] == [4]
+    assert run.data.metrics["best_image_auroc_epoch"] in (2, 4)
+    assert run.info.run_name == f"msflow {run_spec.dataset}/{CLASS} default seed 0"
+    from harness.tracking import local_artifact_folder
+
+    folder = local_artifact_folder(run.info.artifact_uri, Path(uri[len("sqlite:///"):]))
+    artifacts = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {"figures/anomaly_maps.png", "figures/anomaly_maps.pdf", "figures/roc_image.csv", "metrics.json"} <= artifacts
 
 
 def test_a_finished_run_is_never_overwritten(tracked_run):

@@ -1,0 +1,151 @@
+"""The fixed cost of one pipeline stage: what a training stage spends besides training and testing.
+
+    python benchmarks/bench_startup.py                    # MSFlow's demo stage (official protocol)
+    python benchmarks/bench_startup.py --method cflow --repeats 3
+
+A stage is one process (`python -m harness run main ...`, as dvc.yaml runs it). This script builds
+a folder with the demo's settings (harness.demo.demo_params: embedded data, ResNet-18 with random
+weights at 64 px, MLflow tracking on), generates one embedded class, and runs the stage command
+``--repeats`` times in fresh processes (each run in a new runs folder, so nothing is resumed):
+
+  wall        the whole process, interpreter start to exit
+  work        training epochs and evaluations as the run records them (metrics.json:
+              train_seconds, and test set size / test_images_per_second)
+  fixed       wall - work: imports, settings, data checks and hash, model building, feature
+              extraction, final metrics, maps, MLflow, figures, cost counting
+
+Then once more under cProfile, for the phases of the fixed part (cumulative seconds; cProfile
+slows Python-heavy code, so the shares matter more than the sums). Writes
+benchmarks/results/bench_startup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Functions whose cumulative time is a phase of a stage (matched on "file:function").
+PHASES = {
+    "imports (all)": ("<frozen importlib._bootstrap>", "_find_and_load"),
+    "import mlflow": None,  # filled in from the import-time report
+    "data checks and hash": ("harness/train.py", "_setup"),
+    "feature extraction": ("harness/train.py", "extract_features"),
+    "training epochs": ("harness/train.py", "_train_epoch"),
+    "evaluations": ("harness/train.py", "evaluate"),
+    "final metrics (fair threshold, mIoU)": ("harness/train.py", "_final_metrics"),
+    "maps.npz": ("harness/train.py", "save_maps"),
+    "figures": ("harness/train.py", "write_figures"),
+    "mlflow run start": ("harness/tracking.py", "__enter__"),
+    "mlflow logging": ("harness/tracking.py", "log_artifact"),
+    "cost counting": ("harness/profile.py", "method_info"),
+}
+
+
+def stage_command(args, python: str) -> list[str]:
+    return [python, "-m", "harness", "run", "main", "--protocol", args.protocol, "--dataset", "embedded",
+            "--method", args.method, "--class", args.class_name, "--seed", "0"]
+
+
+def make_project(folder: Path, methods: list[str], class_name: str) -> None:
+    from harness.demo import demo_params
+    from harness.synthetic import generate_embedded
+
+    params = demo_params(folder, methods)
+    params["datasets"]["embedded"]["classes"] = [class_name]
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    generate_embedded(folder / params["paths"]["data"] / "embedded", seed=0, classes=[class_name])
+
+
+def work_seconds(run_dir: Path) -> float:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    work = 0.0
+    for row in metrics["history"]:
+        work += row["train_seconds"]
+        if "test_images_per_second" in row:
+            work += n_test_images(run_dir) / row["test_images_per_second"]
+    return work
+
+
+def n_test_images(run_dir: Path) -> int:
+    import numpy as np
+
+    with np.load(run_dir / "maps.npz") as maps:
+        return len(maps["labels"])
+
+
+def find_run(folder: Path) -> Path:
+    (metrics,) = folder.glob("runs/**/metrics.json")
+    return metrics.parent
+
+
+def phases(profile: Path) -> dict[str, float]:
+    stats = pstats.Stats(str(profile)).stats  # {(file, line, function): (cc, nc, tt, ct, callers)}
+    out: dict[str, float] = {}
+    for name, key in PHASES.items():
+        if key is None:
+            continue
+        file_part, function = key
+        times = [ct for (file, _, fn), (_, _, _, ct, _) in stats.items() if fn == function and file_part in file]
+        out[name] = max(times, default=0.0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="msflow")
+    parser.add_argument("--protocol", default="official")
+    parser.add_argument("--class", dest="class_name", default="granite")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_startup_"))
+    make_project(folder, [args.method], args.class_name)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = []
+    for i in range(args.repeats):
+        for old in folder.glob("runs/*"):
+            subprocess.run(["rm", "-rf", str(old)], check=True)
+        start = time.perf_counter()
+        subprocess.run(stage_command(args, args.python), cwd=folder, env=env, check=True, capture_output=True)
+        wall = time.perf_counter() - start
+        work = work_seconds(find_run(folder))
+        runs.append({"wall_s": wall, "work_s": work, "fixed_s": wall - work})
+        print(f"run {i + 1}: wall {wall:.1f} s, training and tests {work:.1f} s, fixed {wall - work:.1f} s", flush=True)
+
+    for old in folder.glob("runs/*"):
+        subprocess.run(["rm", "-rf", str(old)], check=True)
+    profile = folder / "stage.prof"
+    command = stage_command(args, args.python)
+    command[1:1] = ["-m", "cProfile", "-o", str(profile)]
+    subprocess.run(command, cwd=folder, env=env, check=True, capture_output=True)
+    importtime = subprocess.run([args.python, "-X", "importtime", "-c", "import mlflow"], cwd=folder, env=env,
+                                capture_output=True, text=True).stderr.strip().splitlines()
+    mlflow_import = int(importtime[-1].split("|")[1]) / 1e6 if importtime else None
+    breakdown = {**phases(profile), "import mlflow": mlflow_import}
+
+    best = min(runs, key=lambda r: r["wall_s"])
+    result = {"method": args.method, "protocol": args.protocol, "class": args.class_name, "cpu_count": os.cpu_count(),
+              "runs": runs, "best": best, "profiled_phases_s": breakdown}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_startup.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"best of {args.repeats}: wall {best['wall_s']:.1f} s, fixed {best['fixed_s']:.1f} s")
+    for name, seconds in breakdown.items():
+        if seconds is not None:
+            print(f"  {name:<40}{seconds:>7.2f} s (profiled)")
+    print(f"wrote {args.out / 'bench_startup.json'}")
+
+
+if __name__ == "__main__":
+    main()
