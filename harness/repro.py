@@ -16,6 +16,10 @@ of the grid are independent of each other, so the pipeline is reproduced in thre
 Each stage runs exactly as under a plain ``dvc repro`` (the same command, the same dvc.lock
 entry), so the two are interchangeable at any point: an interrupted parallel reproduction is
 finished by either.
+
+Step 2 runs here (``executor="local"``) or as SLURM jobs (``executor="slurm"``, harness.slurm).
+With ``runs_per_gpu`` K > 1, K stages share one GPU, once their memory has been checked to fit
+(harness.packing).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from harness.packing import CUDA_CONTEXT_BYTES, GiB, PackingError, check_fit, pr
 
 sys.path.insert(0, str(Path(__file__).parent))
 import local_slurm  # noqa: E402
+from conftest import TINY_PIPELINE_MSFLOW as TINY  # noqa: E402
 
 # FLOWAD_TEST_SLURM=off runs the submitit local executor variants on a machine with SLURM.
 MISSING = "FLOWAD_TEST_SLURM=off" if os.environ.get("FLOWAD_TEST_SLURM") == "off" else local_slurm.missing()
@@ -210,11 +211,6 @@ def test_settings_reach_the_sbatch_script(cluster, tmp_path):
     assert "module load cuda" in script and executor._executor.parameters["array_parallelism"] == 7
 
 
-TINY = {"backbone": "resnet18.tv_in1k", "input_size": [32, 32], "input_size_overrides": {},
-        "parallel_blocks": [1, 1, 1], "batch_size": 20, "meta_epochs": 1, "sub_epochs": 1,
-        "warmup_meta_epochs": 0}
-
-
 @pytest.mark.slow
 def test_tiny_grid_on_the_cluster_two_runs_per_job(kind, tmp_path):
     out = demo.init_project(tmp_path / "grid", methods=["msflow"])
@@ -227,10 +223,11 @@ def test_tiny_grid_on_the_cluster_two_runs_per_job(kind, tmp_path):
     params["ablations"]["rescore"] = {"full_mean": params["ablations"]["rescore"]["full_mean"]}
     params["runtime"]["slurm"] = {**TINY_SLURM, "cluster": kind, "mem_gb_per_run": 1.5}
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # the cluster's part only (the re-scoring and the tables after it are test_pipeline's)
+    # the cluster's part only (the stages after the runs are test_pipeline's)
     repro.reproduce_data(out, progress=False)
     slurm.run_pending(out, slurm.load_settings(out, {}), runs_per_gpu=2, progress=False)
-    assert set(json.loads(dvc(out, "status", "--json"))) == {"rescore", "tables"}  # the runs are recorded
+    left = json.loads(dvc(out, "status", "--json"))
+    assert "rescore" in left and not [s for s in left if s.startswith(repro.RUN_STAGES)]  # the runs are recorded
     (record,) = json.loads((out / slurm.SLURM_LOGS / "jobs.json").read_text())  # one job, two runs
     assert record["state"] == "COMPLETED" and len(record["stages"]) == 2
     for run in ("runs/main/official/embedded/msflow/washer/seed-0", "runs/ablations/fusion_off/washer/seed-0"):
