@@ -38,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = {
     "imports (all)": ("<frozen importlib._bootstrap>", "_find_and_load"),
     "import mlflow": None,  # filled in from the import-time report
-    "data checks and hash": ("harness/train.py", "_setup"),
+    "run set-up (with feature extraction)": ("harness/train.py", "_setup"),
     "feature extraction": ("harness/train.py", "extract_features"),
     "training epochs": ("harness/train.py", "_train_epoch"),
     "evaluations": ("harness/train.py", "evaluate"),

@@ -64,17 +64,19 @@ def method_info(method: str, overrides: dict[str, Any] | None = None,
     """What ``flowad info METHOD`` prints: trainable parameters per component and forward compute
     of the backbone and the flows at one input size (default: the method's own for ``class_name``).
 
-    Backbone weights are random here (only shapes matter), so this needs no download."""
+    Backbone weights are random here (only shapes matter), so this needs no download. The
+    forward passes run on the meta device: shapes and operation counts without the arithmetic,
+    which at 512 px would cost every pipeline stage seconds of CPU."""
     from methods.registry import build_model, create_method
 
     config = create_method(method, **(overrides or {}))
     height, width = size or config.input_size_for(class_name)
-    extractor = config.feature_extractor(pretrained=False).eval()
-    image = torch.zeros(1, 3, height, width)
+    extractor = config.feature_extractor(pretrained=False).eval().to("meta")
+    image = torch.zeros(1, 3, height, width, device="meta")
     backbone_gmacs = forward_gmacs(extractor, image)
     with torch.no_grad():
         features = extractor(image)
-    model = build_model(config, extractor.channels).eval()
+    model = build_model(config, extractor.channels).eval().to("meta")
     flow_gmacs = forward_gmacs_by_component(model, features)
     return {
         "method": method,

@@ -3,7 +3,6 @@ damaged file."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest

@@ -143,3 +143,21 @@ def test_short_bf16_run_within_half_a_point_of_fp32(larger_test_set, tmp_path):
     for metric in ("image_auroc", "pixel_auroc"):
         assert abs(results["bf16"][metric] - results["fp32"][metric]) <= 0.005, (metric, results)
     assert results["fp32"]["image_auroc"] != 0.5  # the comparison is of a model that ranks images
+
+
+def test_official_protocol_stays_fp32_unless_it_names_a_precision():
+    from pathlib import Path
+
+    from harness import grid
+
+    params = grid.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["runtime"].update(precision="bf16", compile=True)
+    params["protocols"]["unified"]["settings"].pop("precision", None)
+
+    def settings(protocol):
+        return grid.run_settings(params, grid.main_run(params, protocol, "mvtec_ad", "msflow", "bottle", 0))
+
+    assert settings("official").precision == "fp32" and settings("official").compile
+    assert settings("unified").precision == "bf16"
+    params["protocols"]["official"]["settings"] = {"precision": "tf32"}
+    assert settings("official").precision == "tf32"
