@@ -8,16 +8,19 @@ Verbs
   evaluate          score a trained run's checkpoint again, or re-score its stored maps
   info METHOD       trainable parameters per component and forward GFLOPs, as JSON
   demo              the main job on the embedded dataset, offline
-  repro             `dvc repro` of the whole pipeline, several training runs at a time
+  repro             `dvc repro` of the whole pipeline, several training runs at a time, here or on SLURM
   prepare NAME      install one dataset of the pipeline (fetch it, or generate the embedded one)
   run PART          train one run of the experiment grid in params.yaml (a dvc.yaml stage)
   rescore           the scoring ablations: re-score the reference runs' stored maps
   tables            every table (CSV, LaTeX, Markdown) from the runs and the published figures
+  figures           per class a map grid with one row per method, and every run's curve data
+  metrics           every finished run's metrics, one file per run, for `dvc metrics` and `dvc exp show`
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -29,13 +32,18 @@ DEMO_ROOT = Path("demo")
 
 def _add_run_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "amp"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "amp"],
+                   help="fp32 (reference) | tf32 (CUDA tensor cores) | bf16 (flow subnets; amp = bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the flows")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and feature maps")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--seed", type=int, default=None, help="default: the method's own seed")
     p.add_argument("--epochs", type=int, default=None, help="default: the method's own budget")
     p.add_argument("--eval-every", type=int, default=None, help="default: the method's own interval")
     p.add_argument("--feature-cache", choices=["auto", "on", "off"], default="auto",
                    help="compute frozen backbone features once per class (auto: on without augmentation)")
+    p.add_argument("--image-cache", default=None, metavar="DIR",
+                   help="keep decoded, resized images in DIR for every later run (default: off)")
     p.add_argument("--random-weights", action="store_true",
                    help="random backbone weights (tests and offline demos only; never a reproduction)")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=SOURCE",
@@ -52,9 +60,10 @@ def _settings(args: argparse.Namespace):
     from harness.weights import parse_sources
 
     return RunSettings(
-        device=args.device, precision=args.precision, workers=args.workers, seed=args.seed,
+        device=args.device, precision=args.precision, compile=args.compile, channels_last=args.channels_last,
+        workers=args.workers, seed=args.seed,
         epochs=args.epochs, eval_every=args.eval_every,
-        feature_cache={"auto": None, "on": True, "off": False}[args.feature_cache],
+        feature_cache={"auto": None, "on": True, "off": False}[args.feature_cache], image_cache=args.image_cache,
         pretrained=not args.random_weights, weights=parse_sources(args.weights, "--weights"),
         progress=not args.quiet,
         tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
@@ -114,6 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="training runs at a time (default 1: plain `dvc repro`)")
     p.add_argument("--gpus", default="", help="comma-separated GPU ids shared out among the jobs, e.g. 0,1")
     p.add_argument("--project", type=Path, default=Path("."), help="the DVC project folder (default: here)")
+    p.add_argument("--runs-per-gpu", type=int, default=1,
+                   help="training runs sharing one GPU, after a check that their memory fits (default 1)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: on this machine (default); slurm: one SLURM job per run, via submitit")
+    cluster = p.add_argument_group("SLURM (--executor slurm; defaults from params.yaml runtime.slurm)")
+    cluster.add_argument("--partition")
+    cluster.add_argument("--account")
+    cluster.add_argument("--qos")
+    cluster.add_argument("--time", help="time limit per job: minutes, HH:MM:SS or D-HH:MM:SS")
+    cluster.add_argument("--gpus-per-run", type=int)
+    cluster.add_argument("--cpus-per-run", type=int)
+    cluster.add_argument("--mem-per-run", type=float, dest="mem_gb_per_run", help="GB of memory per run")
+    cluster.add_argument("--max-jobs", type=int, help="jobs running at once")
+    cluster.add_argument("--sbatch", action="append", default=None, metavar="OPTION",
+                         help="an extra sbatch option, e.g. --sbatch=--constraint=a100 (repeatable)")
     p.add_argument("--quiet", action="store_true")
 
     # The pipeline's verbs (dvc.yaml stages); settings come from params.yaml.
@@ -131,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default="own", help="a seed of params.yaml `seeds` (own = the method's)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--probe-memory", action="store_true",
+                   help="print the run's peak GPU memory (set-up, one step, one scoring pass) as JSON; no training")
 
     p = verbs.add_parser("rescore", help="the scoring ablations from the reference runs' stored maps")
     p.add_argument("variants", nargs="*", help="variants of params.yaml `ablations.rescore` (default: all)")
@@ -139,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("tables", help="write every table from the runs and the published figures")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--out", type=Path, default=None, help="default: params.yaml paths.tables")
+
+    p = verbs.add_parser("figures", help="per class a map grid with one row per method; curve data for DVC")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+    p = verbs.add_parser("metrics", help="every finished run's metrics, one file per run, for DVC")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
     return parser
 
 
@@ -165,9 +197,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from harness.data import index_split, list_classes, validate_class
+    from harness.data import index_split, require_classes, validate_class
 
-    for name in args.classes or list_classes(args.root):
+    for name in args.classes or require_classes(args.root):
         validate_class(args.root, name)
         n_train, n_test = (len(index_split(args.root, name, s)) for s in ("train", "test"))
         print(f"{name}: ok ({n_train} train, {n_test} test images)")
@@ -205,7 +237,15 @@ def cmd_repro(args: argparse.Namespace) -> None:
     from harness.repro import reproduce
 
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-    reproduce(args.project, jobs=args.jobs, gpus=gpus, progress=not args.quiet)
+    slurm = {key: getattr(args, key) for key in ("partition", "account", "qos", "time", "gpus_per_run",
+                                                 "cpus_per_run", "mem_gb_per_run", "max_jobs", "sbatch")}
+    if args.executor == "local" and any(v is not None for v in slurm.values()):
+        raise HarnessError("SLURM options (--partition, --time, ...) are for --executor slurm")
+    if args.executor == "slurm" and (args.jobs != 1 or gpus):
+        raise HarnessError("--jobs and --gpus are for the local executor: on SLURM, --max-jobs and "
+                           "--gpus-per-run say how many runs at once and on what")
+    reproduce(args.project, jobs=args.jobs, gpus=gpus, progress=not args.quiet, runs_per_gpu=args.runs_per_gpu,
+              executor=args.executor, slurm=slurm)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -227,6 +267,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         if not args.variant:
             raise ConfigError("run ablation needs --variant (a key of params.yaml ablations.train)")
         run = grid.ablation_run(params, args.variant, args.class_name, args.seed)
+    if args.probe_memory:
+        from harness.packing import probe_memory
+        from harness.train import Trainer
+
+        print(json.dumps(probe_memory(Trainer(grid.run_spec(params, run), grid.run_settings(params, run)))))
+        return
     summary = grid.execute(params, run, resume=args.resume)
     print(json.dumps({"out": str(run.out_dir), "last": summary["last"]}, indent=2, default=float))
 
@@ -245,9 +291,24 @@ def cmd_tables(args: argparse.Namespace) -> None:
     print(f"{len(written)} tables written to {written[0].parent if written else args.out}")
 
 
+def cmd_figures(args: argparse.Namespace) -> None:
+    from harness import grid
+
+    written = grid.figures(grid.load(args.params))
+    print(f"{len(written)} figure and curve files written")
+
+
+def cmd_metrics(args: argparse.Namespace) -> None:
+    from harness import grid
+
+    written = grid.collect_metrics(grid.load(args.params))
+    print(f"metrics of {len(written)} runs written")
+
+
 COMMANDS = {"fetch": cmd_fetch, "generate": cmd_generate, "validate": cmd_validate, "train": cmd_train,
             "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "repro": cmd_repro, "prepare": cmd_prepare,
-            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables}
+            "run": cmd_run, "rescore": cmd_rescore, "tables": cmd_tables, "figures": cmd_figures,
+            "metrics": cmd_metrics}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,4 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in _FOLDER_ERRORS:
+            raise
+        # A read-only or full folder (run folder, MLflow store, data root): say which, not a traceback.
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot write{where}: {err.strerror}. Make the folder writable (or free space), "
+              "or choose another one (--out, --data-root, --tracking-uri).", file=sys.stderr)
+        return 2
     return 0
+
+
+_FOLDER_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)

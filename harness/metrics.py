@@ -11,10 +11,14 @@ AU-PRO comes in two conventions, both computed without a Python loop over thresh
   FPR(t) is the fraction of normal pixels with score >= t; t runs over every distinct score. PRO is
   integrated over FPR in [0, fpr_limit] (linear interpolation at exactly fpr_limit) and divided by
   fpr_limit.
-- "code": the convention of the MSFlow and CFlow-AD code. n_thresholds equally spaced thresholds
+- "code": the convention of the MSFlow code. n_thresholds equally spaced thresholds
   from the global minimum to the global maximum score, a pixel is positive when score > t, only
   thresholds with FPR < fpr_limit are kept, their FPRs are min-max rescaled to [0, 1] and the area
   is the trapezoid rule (sklearn.metrics.auc).
+- "cflow": CFlow-AD's own code (its published PRO): 1000 thresholds descending from the maximum
+  score by (max - min) / 1000, FPR <= fpr_limit kept, and a region's overlap counted on its
+  hole-filled shape (skimage's filled image within its bounding box) but divided by its unfilled
+  area, so a region with holes can have an overlap above 1. Rescaling and area as in "code".
 
 mIoU follows U-Flow: per-image IoU (|P & G| + eps) / (|P | G| + eps) with P = score > t, averaged
 over all test images, good ones included.
@@ -34,7 +38,7 @@ from sklearn.metrics import auc, roc_auc_score
 # any detection scores (0 + eps) / (k + eps) ~ 1e-16, i.e. 0, as the U-Flow definition states.
 MIOU_EPS = float(np.finfo(np.float64).eps)
 
-PRO_CONVENTIONS = ("mvtec", "code")
+PRO_CONVENTIONS = ("mvtec", "code", "cflow")
 
 ArrayLike = Any  # numpy array, torch tensor, or a list of either
 
@@ -262,14 +266,58 @@ def _code_thresholds(maps: np.ndarray, n_thresholds: int) -> np.ndarray:
     return np.arange(lowest, highest, (highest - lowest) / n_thresholds)
 
 
+def _code_thresholds_descending(maps: np.ndarray, n_thresholds: int) -> np.ndarray:
+    """CFlow-AD's thresholds: max - k * (max - min) / n for k = 0 .. n-1, evaluated on numpy
+    scalars of the maps' dtype as its code does; returned ascending."""
+    lowest, highest = maps.min(), maps.max()
+    if highest == lowest:
+        return np.empty(0)
+    delta = (highest - lowest) / n_thresholds
+    return np.array([highest - step * delta for step in range(n_thresholds)])[::-1]
+
+
+def _filled_defect_regions(
+    masks: np.ndarray, maps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like _defect_regions, but each region's pixels are those of its hole-filled shape (the
+    overlap CFlow-AD's code counts) while its area stays that of the region itself (its divisor)."""
+    from skimage.measure import regionprops
+
+    scores, regions, areas = [], [], []
+    for mask, amap in zip(masks, maps):
+        if not mask.any():
+            continue
+        for prop in regionprops(label_regions(mask, connectivity=2)):
+            top, left, bottom, right = prop.bbox
+            filled = prop.image_filled
+            scores.append(amap[top:bottom, left:right][filled])
+            regions.append(np.full(int(filled.sum()), len(areas), dtype=np.int64))
+            areas.append(int(prop.area))
+    if not areas:
+        raise ValueError(
+            "PRO needs at least one anomalous region, but every mask is empty; "
+            "evaluate on a test set with ground-truth masks"
+        )
+    return np.concatenate(scores), np.concatenate(regions), np.array(areas, dtype=np.int64)
+
+
 def _pro_points_code(
-    masks: np.ndarray, maps: np.ndarray, fpr_limit: float, n_thresholds: int
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float, n_thresholds: int, convention: str = "code"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, PRO) at the kept equal-spaced thresholds (score > t, FPR < fpr_limit), FPR rising."""
-    defect_scores, region_of_pixel, areas = _defect_regions(masks, maps)
+    """(FPR, PRO) at the kept equal-spaced thresholds (score > t), FPR rising.
+
+    "code" (MSFlow): thresholds from the minimum up, FPR < fpr_limit kept, overlap on the region.
+    "cflow" (CFlow-AD): thresholds from the maximum down, FPR <= fpr_limit kept, overlap on the
+    hole-filled region divided by the region's own area (so it can exceed 1 for masks with holes).
+    """
+    if convention == "cflow":
+        defect_scores, region_of_pixel, areas = _filled_defect_regions(masks, maps)
+        thresholds = _code_thresholds_descending(maps, n_thresholds)
+    else:
+        defect_scores, region_of_pixel, areas = _defect_regions(masks, maps)
+        thresholds = _code_thresholds(maps, n_thresholds)
     n_normal = int(masks.size - np.count_nonzero(masks))
     _require_both_classes(defect_scores.size, n_normal, "PRO", "pixel")
-    thresholds = _code_thresholds(maps, n_thresholds)
     n_t = thresholds.size
     if n_t == 0:
         return np.empty(0), np.empty(0)
@@ -295,7 +343,7 @@ def _pro_points_code(
     pro = (region_above / areas[:, None]).mean(axis=0)
     fpr = normal_above / n_normal
 
-    keep = fpr < fpr_limit
+    keep = fpr <= fpr_limit if convention == "cflow" else fpr < fpr_limit
     return fpr[keep][::-1], pro[keep][::-1]
 
 
@@ -304,7 +352,7 @@ def _check_pro_options(fpr_limit: float, convention: str, n_thresholds: int) -> 
         raise ValueError(f"unknown AU-PRO convention {convention!r}; use one of {PRO_CONVENTIONS}")
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    if convention == "code" and n_thresholds < 2:
+    if convention in ("code", "cflow") and n_thresholds < 2:
         raise ValueError(f"n_thresholds must be at least 2, got {n_thresholds}")
 
 
@@ -325,7 +373,7 @@ def pro_curve(
     if convention == "mvtec":
         fpr, pro = _pro_points_mvtec(masks_b, maps_f, fpr_limit)
         return _truncate_curve(fpr, pro, fpr_limit)
-    return _pro_points_code(masks_b, maps_f, fpr_limit, n_thresholds)
+    return _pro_points_code(masks_b, maps_f, fpr_limit, n_thresholds, convention)
 
 
 def aupro(
@@ -338,18 +386,19 @@ def aupro(
     """Normalised area under the PRO curve up to fpr_limit (see the module docstring).
 
     convention="mvtec" is the MVTec AD definition; convention="code" reproduces the MSFlow
-    (n_thresholds=800) and CFlow-AD (n_thresholds=1000) evaluation code. "code" returns NaN, with
-    a warning, when fewer than two kept thresholds have distinct FPRs (the rescaling divides by 0).
+    evaluation code (n_thresholds=800); convention="cflow" the CFlow-AD one (n_thresholds=1000).
+    "code" and "cflow" return NaN, with a warning, when fewer than two kept thresholds have
+    distinct FPRs (the rescaling divides by 0).
     """
     _check_pro_options(fpr_limit, convention, n_thresholds)
     masks_b, maps_f = _pixel_inputs(masks, maps)
     if convention == "mvtec":
         fpr, pro = _pro_points_mvtec(masks_b, maps_f, fpr_limit)
         return float(_area_up_to(fpr, pro, fpr_limit) / fpr_limit)
-    fpr, pro = _pro_points_code(masks_b, maps_f, fpr_limit, n_thresholds)
+    fpr, pro = _pro_points_code(masks_b, maps_f, fpr_limit, n_thresholds, convention)
     if fpr.size < 2 or fpr.max() == fpr.min():
         warnings.warn(
-            f"AU-PRO (code convention) is undefined: {fpr.size} threshold(s) with "
+            f"AU-PRO ({convention} convention) is undefined: {fpr.size} threshold(s) with "
             f"FPR < {fpr_limit} "
             f"and no spread in their FPRs, so the min-max rescaling divides by zero; "
             f"use convention='mvtec' for a defined value",

@@ -17,9 +17,11 @@ Steps, per image and latent scale:
   2. each node gets x = its level (the minimum of S over its region) and
      log10 P(R) = |R| * log10 of the Chernoff bound of the chi-square upper tail,
      log10 P(chi2_C >= x) <= -(C/2) (x/C - 1 - ln(x/C)) / ln 10;
-  3. "prune" (in every chain of single-child nodes keep only the most significant node) and
+  3. "prune" (in every chain of single-child nodes that ends in a leaf keep only the most
+     significant node, the bottom-most on ties; inner chains and the root are left alone) and
      "merge" (a node whose children are all leaves replaces them if it is at least as
-     significant as each of them) until nothing changes;
+     significant as each of them) until nothing changes. The maps must be float32 or wider:
+     float16 rounding creates ties that change the tree;
   4. every remaining leaf writes its log10 P on its pixels, other pixels get 0.
 Then the per-scale maps are upsampled bilinearly to the output size, the minimum over scales is
 taken and log10 N_tests is added: the result is a log10 NFA map, and a pixel is detected when
@@ -138,14 +140,16 @@ def component_tree(score: np.ndarray) -> ComponentTree:
 
 
 def _prune(alive: list[bool], parent: list[int], children: list[list[int]], log10_p: list[float]) -> bool:
-    """Keep only the most significant node of every chain of single-child nodes (top-most on ties)."""
+    """Keep only the most significant node of every chain of single-child nodes that ends in a
+    leaf (the bottom-most on ties), as the reference does. Chains that end in a node with several
+    children are left alone, and the root never belongs to a chain."""
     chain_of: dict[int, int] = {}
     chains: list[list[int]] = []
     for k in range(len(alive)):  # top-down
         if not alive[k]:
             continue
         p = parent[k]
-        if p >= 0 and len(children[p]) == 1:
+        if p >= 0 and parent[p] >= 0 and len(children[p]) == 1:
             chain_of[k] = chain_of[p]
             chains[chain_of[k]].append(k)
         else:
@@ -153,9 +157,9 @@ def _prune(alive: list[bool], parent: list[int], children: list[list[int]], log1
             chains.append([k])
     changed = False
     for chain in chains:
-        if len(chain) == 1:
+        if len(chain) == 1 or children[chain[-1]]:
             continue
-        best = min(chain, key=lambda k: log10_p[k])
+        best = min(reversed(chain), key=lambda k: log10_p[k])  # min keeps the first: bottom-most
         top, bottom = chain[0], chain[-1]
         above, below = parent[top], children[bottom]
         for k in chain:

@@ -36,6 +36,7 @@ from harness.errors import HarnessError
 DATA_STAGES = ("prepare@",)
 RUN_STAGES = ("main_", "ablation@")  # one stage per training run; independent of each other
 LOGS = Path("logs") / "repro"  # one log per stage run by a worker, in the project folder
+EXECUTORS = ("local", "slurm")
 
 
 def dvc_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -83,11 +84,13 @@ def stages_to_run(project: Path, prefixes: Sequence[str] = RUN_STAGES) -> list[s
 
 @dataclass
 class Worker:
-    """One ``dvc repro`` at a time, with its share of the CPU threads and (optionally) one GPU."""
+    """One ``dvc repro`` at a time (or ``runs_per_gpu`` side by side on its GPU), with its share of
+    the CPU threads (per run) and optionally one GPU."""
 
     index: int
     threads: int
     gpu: str | None = None
+    runs_per_gpu: int = 1
 
     def environment(self) -> dict[str, str]:
         extra = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
@@ -96,70 +99,161 @@ class Worker:
         return dvc_environment(extra)
 
 
-def make_workers(jobs: int, gpus: Sequence[str] = (), cpus: int | None = None) -> list[Worker]:
-    """``jobs`` workers sharing the CPU cores evenly; with ``gpus``, worker i uses GPU i mod len."""
+def make_workers(jobs: int, gpus: Sequence[str] = (), cpus: int | None = None, runs_per_gpu: int = 1) -> list[Worker]:
+    """``jobs`` workers sharing the CPU cores evenly; with ``gpus``, worker i uses GPU i mod len.
+    With ``runs_per_gpu`` K > 1, one worker per GPU runs K stages at a time on it (``jobs`` is then
+    K per GPU, and the cores are shared among all the runs)."""
     if jobs < 1:
         raise HarnessError(f"--jobs {jobs}: give at least one job")
+    if runs_per_gpu < 1:
+        raise HarnessError(f"--runs-per-gpu {runs_per_gpu}: give at least one run per GPU")
     cpus = cpus or os.cpu_count() or 1
+    if runs_per_gpu > 1:
+        if not gpus:
+            raise HarnessError(f"--runs-per-gpu {runs_per_gpu} needs --gpus (the GPUs to share): on a "
+                               "machine without GPUs, use --jobs N for N runs at a time")
+        if jobs not in (1, len(gpus) * runs_per_gpu):
+            raise HarnessError(f"--jobs {jobs} with --runs-per-gpu {runs_per_gpu} on {len(gpus)} GPUs: the "
+                               f"runs at a time are {len(gpus) * runs_per_gpu}; leave --jobs out")
+        threads = max(1, cpus // (len(gpus) * runs_per_gpu))
+        return [Worker(i, threads, gpu, runs_per_gpu) for i, gpu in enumerate(gpus)]
     threads = max(1, cpus // jobs)
     return [Worker(i, threads, gpus[i % len(gpus)] if gpus else None) for i in range(jobs)]
 
 
+@dataclass
+class StageResult:
+    """How one ``dvc repro --single-item <stage>`` ended."""
+
+    name: str
+    returncode: int
+    log: Path
+    seconds: float
+
+
+def run_stage(project: Path, name: str, env: dict[str, str]) -> StageResult:
+    """Run one stage as ``dvc repro`` does; its output goes to ``logs/repro/<stage>.log``."""
+    log = project / LOGS / f"{name}.log"
+    start = time.perf_counter()
+    # --single-item: the data stages are up to date (step 1); checking them again here would
+    # lock their outputs, which the other workers' stages are reading.
+    result = _dvc(["--wait-for-lock", "repro", "--single-item", name], project, env, log=log)
+    return StageResult(name, result.returncode, log, time.perf_counter() - start)
+
+
+def run_pack(project: Path, stages: Sequence[str], env: dict[str, str], say=print) -> list[StageResult]:
+    """Run ``stages`` side by side on the device ``env`` selects (several runs on one GPU); with
+    more than one, their memory is checked first (harness.packing), and none starts if they do
+    not fit."""
+    if len(stages) > 1:
+        from harness.packing import check_fit, measure
+
+        say(check_fit(measure(project, stages, env)) if _cuda_available(env) else
+            f"no CUDA device: the {len(stages)} runs share the CPU cores and this job's memory; there is "
+            "no GPU memory to check")
+    results: list[StageResult] = []
+    threads = [threading.Thread(target=lambda n=n: results.append(run_stage(project, n, env))) for n in stages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    order = {name: i for i, name in enumerate(stages)}
+    return sorted(results, key=lambda r: order[r.name])
+
+
+def _cuda_available(env: dict[str, str]) -> bool:
+    if env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_parallel(project: Path, stages: Sequence[str], workers: Sequence[Worker], progress: bool = True) -> None:
-    """Run ``stages`` (independent of each other) on the workers; each stage's output goes to
-    ``logs/repro/<stage>.log``. After a failure no new stage starts; the running ones finish."""
+    """Run ``stages`` (independent of each other) on the workers, each taking ``runs_per_gpu`` at a
+    time; each stage's output goes to ``logs/repro/<stage>.log``. After a failure no new stage
+    starts; the running ones finish."""
     todo: queue.Queue[str] = queue.Queue()
     for name in stages:
         todo.put(name)
-    failures: list[tuple[str, subprocess.CompletedProcess, Path]] = []
+    failures: list[StageResult] = []
+    errors: list[HarnessError] = []
     lock = threading.Lock()
     done = [0]
 
     def work(worker: Worker) -> None:
         env = worker.environment()
-        while not failures:
-            try:
-                name = todo.get_nowait()
-            except queue.Empty:
+        while not failures and not errors:
+            pack = []
+            while len(pack) < worker.runs_per_gpu:
+                try:
+                    pack.append(todo.get_nowait())
+                except queue.Empty:
+                    break
+            if not pack:
                 return
-            log = project / LOGS / f"{name}.log"
-            start = time.perf_counter()
-            # --single-item: the data stages are up to date (step 1); checking them again here would
-            # lock their outputs, which the other workers' stages are reading.
-            result = _dvc(["--wait-for-lock", "repro", "--single-item", name], project, env, log=log)
+            try:
+                results = run_pack(project, pack, env, say=lambda line: progress and print(line, flush=True))
+            except HarnessError as err:  # the pack does not fit on its GPU: nothing of it started
+                errors.append(err)
+                return
             with lock:
-                done[0] += 1
-                if result.returncode != 0:
-                    failures.append((name, result, log))
-                if progress:
-                    state = "done" if result.returncode == 0 else f"FAILED (exit {result.returncode}, log {log})"
-                    print(f"[{done[0]}/{len(stages)}] {name}: {state} in {time.perf_counter() - start:.0f} s",
-                          flush=True)
+                for result in results:
+                    done[0] += 1
+                    if result.returncode != 0:
+                        failures.append(result)
+                    if progress:
+                        state = ("done" if result.returncode == 0 else
+                                 f"FAILED (exit {result.returncode}, log {result.log})")
+                        print(f"[{done[0]}/{len(stages)}] {result.name}: {state} in {result.seconds:.0f} s",
+                              flush=True)
 
     threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in workers]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     if failures:
-        name, result, log = failures[0]
+        first = failures[0]
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise _failed(f"stage {name}{more}", project, result, log)
+        result = subprocess.CompletedProcess([], first.returncode)
+        raise _failed(f"stage {first.name}{more}", project, result, first.log)
 
 
-def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: bool = True) -> None:
-    """Bring every stage of the project's pipeline up to date, ``jobs`` training runs at a time."""
+def reproduce_data(project: Path, progress: bool = True) -> None:
+    """Step 1: the data stages, in one ``dvc repro`` on this machine."""
+    data = _dvc(["repro", "--glob", *(f"{p}*" for p in DATA_STAGES)], project, dvc_environment(),
+                capture=not progress)
+    if data.returncode != 0:
+        raise _failed("`dvc repro` of the data stages", project, data)
+
+
+def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: bool = True,
+              runs_per_gpu: int = 1, executor: str = "local", slurm: dict | None = None) -> None:
+    """Bring every stage of the project's pipeline up to date, ``jobs`` training runs at a time
+    (``runs_per_gpu`` per GPU), on this machine (``executor="local"``) or as SLURM jobs
+    (``executor="slurm"``, settings ``slurm`` over params.yaml ``runtime.slurm``: harness.slurm)."""
     project = Path(project)
-    if jobs > 1:
-        data = _dvc(["repro", "--glob", *(f"{p}*" for p in DATA_STAGES)], project, dvc_environment(),
-                    capture=not progress)
-        if data.returncode != 0:
-            raise _failed("`dvc repro` of the data stages", project, data)
-        pending = stages_to_run(project)
-        if progress:
-            print(f"{len(pending)} training runs to do, {jobs} at a time", flush=True)
-        run_parallel(project, pending, make_workers(jobs, gpus), progress=progress)
-    env = make_workers(1, gpus)[0].environment() if gpus else dvc_environment()
+    if executor not in EXECUTORS:
+        raise HarnessError(f"--executor {executor}: use one of {', '.join(EXECUTORS)}")
+    if executor == "slurm":
+        from harness import slurm as cluster
+
+        reproduce_data(project, progress)
+        cluster.run_pending(project, cluster.load_settings(project, slurm or {}), runs_per_gpu=runs_per_gpu,
+                            progress=progress)
+    else:
+        workers = make_workers(jobs, gpus, runs_per_gpu=runs_per_gpu)
+        if jobs > 1 or runs_per_gpu > 1:
+            reproduce_data(project, progress)
+            pending = stages_to_run(project)
+            if progress:
+                at_once = sum(w.runs_per_gpu for w in workers)
+                print(f"{len(pending)} training runs to do, {at_once} at a time", flush=True)
+            run_parallel(project, pending, workers, progress=progress)
+    env = make_workers(1, gpus)[0].environment() if gpus and executor == "local" else dvc_environment()
     rest = _dvc(["repro"], project, env, capture=not progress)
     if rest.returncode != 0:
         raise _failed("`dvc repro`", project, rest)

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from filelock import FileLock
+
 from harness.errors import ConfigError, DatasetError
+from harness.manifest import damage, write_file_list
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "embedded.json"
@@ -484,36 +488,68 @@ def generate_embedded(
 
     root = Path(root)
     manifest = embedded_manifest(seed, image_size, n_train, n_test_good, n_test_per_defect, classes)
-    if root.exists():
-        existing = read_manifest(root)
-        if existing == manifest and not force:
-            return root
-        if existing is None and any(root.iterdir()):
-            raise DatasetError(
-                f"{root} exists and was not made by generate_embedded (no {MANIFEST_NAME} in it): "
-                "choose an empty or new folder for the embedded dataset, or delete this one."
-            )
-
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    retired = root.parent / f".{root.name}.old-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        for name in classes:
-            _write_class(
-                staging / name, name, seed, image_size, n_train, n_test_good, n_test_per_defect
-            )
-        (staging / MANIFEST_NAME).write_text(
-            json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-        )
+    # Two processes generating the same folder (two demos started at once) take turns.
+    with FileLock(root.parent / f".{root.name}.lock"):
+        _remove_dead_leftovers(root)
         if root.exists():
-            root.rename(retired)
-        staging.rename(root)
-    except BaseException:
+            existing = read_manifest(root)
+            if existing == manifest and not force:
+                problems = damage(root)
+                if not problems:
+                    return root
+                # Made by this function and deterministic: generating it again is the repair.
+                print(f"{root} is damaged ({len(problems)} problem(s), e.g. {problems[0]}); "
+                      f"generating it again", file=sys.stderr, flush=True)
+            elif existing is None and any(root.iterdir()):
+                raise DatasetError(
+                    f"{root} exists and was not made by generate_embedded (no {MANIFEST_NAME} in it): "
+                    "choose an empty or new folder for the embedded dataset, or delete this one."
+                )
+        staging = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        retired = root.parent / f".{root.name}.old-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        if retired.exists() and not root.exists():
-            retired.rename(root)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+        staging.mkdir()
+        try:
+            for name in classes:
+                _write_class(
+                    staging / name, name, seed, image_size, n_train, n_test_good, n_test_per_defect
+                )
+            (staging / MANIFEST_NAME).write_text(
+                json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
+            write_file_list(staging)
+            if root.exists():
+                root.rename(retired)
+            staging.rename(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if retired.exists() and not root.exists():
+                retired.rename(root)
+            raise
+        shutil.rmtree(retired, ignore_errors=True)
     return root
+
+
+def _remove_dead_leftovers(root: Path) -> None:
+    """Delete the staging folders (``.<name>.tmp-<pid>``, ``.old-<pid>``) of processes that died."""
+    for leftover in root.parent.glob(f".{root.name}.*-*"):
+        kind, _, pid = leftover.name[len(root.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not root.exists():
+            leftover.rename(root)  # killed between the two renames: the old copy is the install
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover from an earlier call in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,18 +1,22 @@
-"""Run tracking with MLflow, the run record, and the figures logged next to each run.
+"""Run tracking with MLflow, and the run record.
 
 Every figure in a table traces back to a run: the run record (config, code revision, data hash,
 package versions, device, seed) is stored as ``run_record.json`` in the run's artifacts and its main
 items as tags. By default runs go to a local SQLite store, ``mlflow.db`` in the project root, and
 artifacts to ``mlartifacts/`` beside it. Set ``MLFLOW_TRACKING_URI`` to log elsewhere.
 
-To browse the runs, from the project root:
+Artifact locations in a SQLite store are ``mlflow-artifacts:/<experiment>/<run>/artifacts``, paths
+relative to the store's ``mlartifacts/`` folder rather than absolute ones, so a folder holding a
+store (the demo) can be copied or moved with its artifacts. The tracker writes them there itself;
+``mlflow ui`` started in that folder serves them from ``./mlartifacts`` (its default
+``--artifacts-destination``). To browse the runs, from the folder holding ``mlflow.db``:
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db
 
 and open http://127.0.0.1:5000.
 
-MLflow and matplotlib are imported inside the functions that need them, so importing this module
-is cheap and a disabled ``Tracker`` never touches MLflow.
+MLflow is imported inside the functions that need it, so importing this module is cheap and a
+disabled ``Tracker`` never touches MLflow. Figures are drawn by harness.figures.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,9 +61,6 @@ TRACKED_PACKAGES = (
 _PARAM_VALUE_LIMIT = 6000
 _TAG_VALUE_LIMIT = 8000
 _KEY_LIMIT = 250
-
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TrackingError(HarnessError, RuntimeError):
@@ -237,6 +239,28 @@ def _truncate(text: str, limit: int, what: str) -> str:
 # --------------------------------------------------------------------------- tracker
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def _check_reachable(uri: str) -> None:
+    """An HTTP tracking server that does not answer fails in seconds: MLflow's own retries with
+    backoff take about four minutes to give up."""
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({exc}). Start it, fix the tracking "
+            "URI (MLFLOW_TRACKING_URI or tracking.uri), or turn tracking off for this run."
+        ) from exc
+
+
 class Tracker:
     """One MLflow run, as a context manager.
 
@@ -272,6 +296,7 @@ class Tracker:
         self._resume_id = run_id
         self._run_id: str | None = None
         self._client: Any = None
+        self._artifacts: Path | None = None  # the run's artifact folder, where the tracker writes it
 
     @property
     def run_id(self) -> str | None:
@@ -301,6 +326,7 @@ class Tracker:
         if db_file is not None:
             # A missing folder would make MLflow retry the connection for minutes before failing.
             db_file.parent.mkdir(parents=True, exist_ok=True)
+        _check_reachable(self.uri)
         with self._store_lock(db_file):
             self._open(db_file)
 
@@ -321,17 +347,34 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=self.uri)
         if self._resume_id is not None:
             with self._errors(f"resuming run {self._resume_id}"):
-                self._client.get_run(self._resume_id)  # raises if there is no such run
+                run = self._client.get_run(self._resume_id)  # raises if there is no such run
                 self._client.update_run(self._resume_id, status="RUNNING")
             self._run_id = self._resume_id
+            self._artifacts = local_artifact_folder(run.info.artifact_uri, db_file)
             if self.tags:
                 self.set_tags(self.tags)
             return
         experiment_id = self._experiment_id(db_file)
         tags = {**_source_tags(), **{_safe_key(k): str(v) for k, v in self.tags.items()}}
         with self._errors(f"starting a run in experiment {self.experiment!r}"):
-            run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+            name = self._unique_name(experiment_id, self.run_name) if self.run_name else None
+            run = self._client.create_run(experiment_id, run_name=name, tags=tags)
         self._run_id = run.info.run_id
+        self._artifacts = local_artifact_folder(run.info.artifact_uri, db_file)
+
+    def _unique_name(self, experiment_id: str, name: str) -> str:
+        """``name``, or ``name (2)``, ``(3)``... when the experiment already has a run of that name
+        (the same grid run trained again after a change of settings)."""
+        quoted = name.replace("'", "\\'")
+        runs = self._client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{quoted}%'",
+                                        max_results=1000)
+        taken = {run.info.run_name for run in runs}
+        count = 1
+        candidate = name
+        while candidate in taken:
+            count += 1
+            candidate = f"{name} ({count})"
+        return candidate
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED, FAILED or KILLED."""
@@ -346,11 +389,12 @@ class Tracker:
         with self._errors(f"getting or creating experiment {self.experiment!r}"):
             experiment = self._client.get_experiment_by_name(self.experiment)
             if experiment is None:
-                # Artifacts beside the database rather than in ./mlruns of whatever the cwd is.
+                # Artifacts beside the database rather than in ./mlruns of whatever the cwd is,
+                # named relative to it (module docstring).
                 location = None
                 if db_file is not None:
                     folder = re.sub(r"[^\w\-.]", "_", self.experiment)
-                    location = (db_file.parent / "mlartifacts" / folder).as_uri()
+                    location = f"{PROXY_SCHEME}/{folder}"
                 try:
                     return self._client.create_experiment(self.experiment, artifact_location=location)
                 except Exception:
@@ -439,6 +483,15 @@ class Tracker:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"Cannot log artifact {path}: no such file or folder.")
+        if self._artifacts is not None:
+            target = self._artifacts / (artifact_path or "")
+            with self._errors(f"copying artifact {path} to {target}"):
+                target.mkdir(parents=True, exist_ok=True)
+                if path.is_dir():
+                    shutil.copytree(path, target, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(path, target / path.name)
+            return
         with self._errors(f"logging artifact {path}"):
             if path.is_dir():
                 self._client.log_artifacts(self._run_id, str(path), artifact_path)
@@ -454,7 +507,12 @@ class Tracker:
         if isinstance(device, Mapping):
             gpu = device.get("cuda_device_name")
             device = f"{device.get('name')} ({gpu})" if gpu else device.get("name")
+        config = record.get("config", {})
         tags = {
+            "method": config.get("method"),
+            "dataset": config.get("dataset"),
+            "class": config.get("class"),
+            "weights": weights_of(record),
             "code_revision": code.get("revision", "unknown"),
             "code_dirty": code.get("dirty"),
             "data_hash": record.get("data_hash"),
@@ -463,11 +521,85 @@ class Tracker:
         }
         if code.get("revision", "unknown") != "unknown":
             tags["mlflow.source.git.commit"] = code["revision"]  # the UI shows this one
-        self.set_tags({k: v for k, v in tags.items() if v is not None})
+        tags = {k: v for k, v in tags.items() if v is not None}
+        tags[DESCRIPTION_TAG] = describe({**tags, **self.tags}, code)
+        self.set_tags(tags)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / RECORD_FILE
             path.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True))
             self.log_artifact(path)
+
+
+PROXY_SCHEME = "mlflow-artifacts:"  # artifact URIs relative to the artifact folder `mlflow ui` serves
+
+
+def local_artifact_folder(artifact_uri: str, db_file: Path | None) -> Path | None:
+    """Where a run's ``mlflow-artifacts:`` URI lives for a SQLite store: ``mlartifacts/...`` beside
+    the database. None for other URIs (MLflow's own artifact repositories handle those)."""
+    if db_file is None or not artifact_uri.startswith(PROXY_SCHEME):
+        return None
+    relative = artifact_uri[len(PROXY_SCHEME):].lstrip("/")
+    folder = (db_file.parent / "mlartifacts" / relative).resolve()
+    if (db_file.parent / "mlartifacts").resolve() not in folder.parents:
+        raise TrackingError(f"artifact URI {artifact_uri!r} points outside {db_file.parent / 'mlartifacts'}")
+    return folder
+
+
+# --------------------------------------------------------------------------- names and tags
+
+DESCRIPTION_TAG = "mlflow.note.content"  # the run description the MLflow UI shows
+
+
+def run_name(method: str, dataset: str, class_name: str, variant: str, seed: Any) -> str:
+    """What a run is, readable in the run table: ``msflow embedded/washer official seed 0``
+    (``variant``: the protocol of a main run, the ablation variant of an ablation run)."""
+    return f"{method} {dataset}/{class_name} {variant} seed {seed}"
+
+
+def weights_of(record: Mapping[str, Any]) -> str:
+    """The backbone weights a run record says the run used: its ``weights`` entry where the
+    record has one (a name, or {model: source}), else ``random`` or ``pretrained:<backbone>``
+    (``file:<name>`` for a local weights file) from the run's settings."""
+    weights = record.get("weights")
+    if isinstance(weights, list) and weights:  # harness.weights: one entry per backbone loaded
+        labels = [f"{w.get('backbone')}={w.get('label')}" for w in weights if isinstance(w, Mapping)]
+        if all(isinstance(w, Mapping) and w.get("source") == "random" for w in weights):
+            return "random"
+        return ", ".join(labels)
+    if isinstance(weights, Mapping) and weights:
+        return ", ".join(f"{name}={source}" for name, source in sorted(weights.items()))
+    if isinstance(weights, str) and weights:
+        return weights
+    config = record.get("config", {})
+    if not (config.get("settings") or {}).get("pretrained", True):
+        return "random"
+    method_config = config.get("method_config") or {}
+    if method_config.get("weights_path"):
+        return f"file:{Path(str(method_config['weights_path'])).name}"
+    backbone = method_config.get("backbone")
+    return f"pretrained:{backbone}" if backbone else "pretrained"
+
+
+def describe(tags: Mapping[str, Any], code: Mapping[str, Any]) -> str:
+    """The run description (Markdown): what was trained, with which weights, from which code."""
+    what = f"**{tags.get('method', '?')}** on {tags.get('dataset', '?')}/{tags.get('class', '?')}"
+    variant = tags.get("variant", "default")
+    setting = f"{tags.get('protocol', 'no')} protocol" + ("" if variant == "default" else f", variant {variant}")
+    lines = [f"{what} ({setting}), seed {tags.get('seed', '?')}."]
+    weights = str(tags.get("weights", "?"))
+    if weights == "random":
+        lines.append("Backbone weights: **random**. The figures test the pipeline; they are not a "
+                     "reproduction of any published number.")
+    else:
+        lines.append(f"Backbone weights: {weights}.")
+    if str(tags.get("demo", "")).lower() == "true":
+        lines.append("Part of the demo (generated data).")
+    if tags.get("rescored_from"):
+        lines.append(f"Re-scored from the stored maps of {tags['rescored_from']} (no retraining).")
+    revision = code.get("revision", "unknown")
+    dirty = " with uncommitted changes" if code.get("dirty") else ""
+    lines.append(f"Code {revision}{dirty}.")
+    return "\n\n".join(lines)
 
 
 def _source_tags() -> dict[str, str]:
@@ -478,195 +610,3 @@ def _source_tags() -> dict[str, str]:
     except (KeyError, OSError):  # no passwd entry, e.g. in some containers
         pass
     return tags
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def image_grid_png(
-    images: Any,
-    masks: Any,
-    maps: Any,
-    path: str | Path,
-    titles: Sequence[str] | None = None,
-    max_items: int = 8,
-    denormalize: bool = True,
-) -> Path:
-    """A grid with one column per test image and three rows: the image, its ground-truth region
-    (red fill and outline), and the anomaly map as a heat overlay.
-
-    ``images``: ImageNet-normalised float [N,3,H,W] (tensor or array; ``denormalize=False`` if
-    already in [0, 1]) or uint8 [N,H,W,3]. ``masks``: [N,(1,)H,W] or None. ``maps``: [N,(1,)h,w],
-    any resolution; all columns share one colour scale so scores compare across images.
-    """
-    from matplotlib.figure import Figure
-    import numpy as np
-
-    count = min(len(images), max_items)
-    if count == 0:
-        raise ValueError("image_grid_png needs at least one image")
-    pictures = [_display_image(images[i], denormalize) for i in range(count)]
-    heat = [_as_2d(maps[i]).astype(np.float32) for i in range(count)]
-    vmin = float(min(m.min() for m in heat))
-    vmax = float(max(m.max() for m in heat))
-    if vmax <= vmin:
-        vmax = vmin + 1e-6
-
-    cell = 1.7
-    fig = Figure(figsize=(cell * count + 1.2, cell * 3 + 0.3), dpi=90, layout="constrained")
-    axes = fig.subplots(3, count, squeeze=False)
-    mappable = None
-    for col in range(count):
-        picture = pictures[col]
-        height, width = picture.shape[:2]
-        extent = (-0.5, width - 0.5, height - 0.5, -0.5)
-        label = titles[col] if titles is not None and col < len(titles) else f"#{col}"
-        axes[0, col].imshow(picture)
-        axes[0, col].set_title(_shorten(str(label), 22), fontsize=8)
-
-        axes[1, col].imshow(picture)
-        if masks is not None and masks[col] is not None:
-            region = _resize_nearest(_as_2d(masks[col]) > 0.5, height, width)
-            if region.any():
-                fill = np.zeros((height, width, 4), dtype=np.float32)
-                fill[region] = (1.0, 0.0, 0.0, 0.35)
-                axes[1, col].imshow(fill)
-                axes[1, col].contour(region.astype(np.float32), levels=[0.5], colors="red", linewidths=0.8)
-
-        axes[2, col].imshow(picture)
-        mappable = axes[2, col].imshow(
-            heat[col], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax, extent=extent, interpolation="bilinear"
-        )
-        for row in range(3):
-            axes[row, col].set_xticks([])
-            axes[row, col].set_yticks([])
-            axes[row, col].set_xlim(extent[0], extent[1])
-            axes[row, col].set_ylim(extent[2], extent[3])
-    for row, name in enumerate(("image", "ground truth", "anomaly map")):
-        axes[row, 0].set_ylabel(name, fontsize=9)
-    fig.colorbar(mappable, ax=axes[2, :].tolist(), shrink=0.9, label="anomaly score")
-    return _save(fig, path)
-
-
-def roc_curve_png(labels: Any, scores: Any, path: str | Path, title: str | None = None) -> Path:
-    """Image-level ROC curve with the AUROC in the legend."""
-    from matplotlib.figure import Figure
-    import numpy as np
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    labels = np.asarray(_to_numpy(labels)).ravel().astype(int)
-    scores = np.asarray(_to_numpy(scores)).ravel().astype(np.float64)
-    if len(np.unique(labels)) < 2:
-        raise ValueError("A ROC curve needs both normal (0) and anomalous (1) labels.")
-    fpr, tpr, _ = roc_curve(labels, scores)
-    auroc = roc_auc_score(labels, scores)
-
-    fig = Figure(figsize=(4.2, 4.0), dpi=90, layout="constrained")
-    ax = fig.subplots()
-    ax.plot(fpr, tpr, color="tab:blue", lw=1.8, label=f"AUROC = {100 * auroc:.1f}%")
-    ax.plot([0, 1], [0, 1], color="gray", lw=1, ls="--", label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate")
-    ax.set_title(title or "ROC curve", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
-    return _save(fig, path)
-
-
-def pro_curve_png(
-    fpr: Any,
-    pro: Any,
-    path: str | Path,
-    fpr_limit: float = 0.3,
-    title: str | None = None,
-    aupro: float | None = None,
-) -> Path:
-    """Per-region overlap against false positive rate up to ``fpr_limit``.
-
-    The legend shows ``aupro`` when given (e.g. from ``harness.metrics.aupro`` in either
-    convention), else the area under this curve up to the limit divided by the limit.
-    """
-    from matplotlib.figure import Figure
-    import numpy as np
-
-    fpr = np.asarray(_to_numpy(fpr), dtype=np.float64).ravel()
-    pro = np.asarray(_to_numpy(pro), dtype=np.float64).ravel()
-    order = np.argsort(fpr, kind="stable")
-    fpr, pro = fpr[order], pro[order]
-    inside = fpr <= fpr_limit
-    x, y = fpr[inside], pro[inside]
-    if len(fpr) and fpr[-1] > fpr_limit:
-        # Close the curve exactly at the limit, as the MVTec definition integrates to it.
-        x = np.append(x, fpr_limit)
-        y = np.append(y, np.interp(fpr_limit, fpr, pro))
-    if aupro is None:
-        aupro = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / fpr_limit) if len(x) > 1 else 0.0
-
-    fig = Figure(figsize=(4.2, 4.0), dpi=90, layout="constrained")
-    ax = fig.subplots()
-    ax.plot(x, y, color="tab:orange", lw=1.8, label=f"AU-PRO (FPR \u2264 {fpr_limit:g}) = {100 * aupro:.1f}%")
-    ax.fill_between(x, y, color="tab:orange", alpha=0.15)
-    ax.set(xlim=(0, fpr_limit), ylim=(0, 1.01), xlabel="False positive rate", ylabel="Per-region overlap")
-    ax.set_title(title or "PRO curve", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")  # a bare Figure renders with Agg: no screen, no pyplot state
-    return path
-
-
-def _to_numpy(value: Any) -> Any:
-    import numpy as np
-
-    if hasattr(value, "detach"):  # torch tensor, without importing torch
-        value = value.detach().cpu()
-        if not value.dtype.is_floating_point or value.dtype.itemsize >= 4:
-            return value.numpy()
-        return value.float().numpy()  # float16 / bfloat16
-    return np.asarray(value)
-
-
-def _as_2d(value: Any) -> Any:
-    array = _to_numpy(value).squeeze()
-    if array.ndim != 2:
-        raise ValueError(f"expected a single-channel [H, W] map or mask, got shape {array.shape}")
-    return array
-
-
-def _display_image(value: Any, denormalize: bool) -> Any:
-    """Any supported image -> float HxWx3 in [0, 1]."""
-    import numpy as np
-
-    array = _to_numpy(value)
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-        array = array.transpose(1, 2, 0)  # CHW -> HWC
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3):
-        raise ValueError(f"expected an image [3,H,W] or [H,W,3], got shape {array.shape}")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    array = array.astype(np.float32)
-    if denormalize:
-        array = array * np.asarray(_IMAGENET_STD, np.float32) + np.asarray(_IMAGENET_MEAN, np.float32)
-    return np.clip(array, 0.0, 1.0)
-
-
-def _resize_nearest(array: Any, height: int, width: int) -> Any:
-    import numpy as np
-
-    if array.shape == (height, width):
-        return array
-    rows = (np.arange(height) * array.shape[0] / height).astype(int)
-    cols = (np.arange(width) * array.shape[1] / width).astype(int)
-    return array[rows[:, None], cols[None, :]]
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else "\u2026" + text[-(limit - 1):]

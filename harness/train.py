@@ -17,6 +17,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,10 +33,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from harness import checkpoint as ckpt
 from harness import metrics as M
-from harness.config import RunSettings, RunSpec, to_dict
-from harness.data import AnomalyDataset, dataset_hash
+from harness.config import DISPLAY_SETTINGS, RunSettings, RunSpec, to_dict
+from harness.data import AnomalyDataset, dataset_hash, resize_masks
 from harness.errors import ConfigError, HarnessError, TrainingError
+from harness.manifest import check_installed
+from harness.precision import prepare_model, to_channels_last
 from harness.scoring import Scores, score
 from harness.weights import weight_sources
 from methods.registry import build_model, create_method
@@ -44,8 +48,13 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 RECORD = "record.json"
 MAPS = "maps.npz"
+TRACKING_ID = "tracking_run_id.txt"
+RUN_FILES = (CHECKPOINT, METRICS, RECORD, MAPS, TRACKING_ID)
 # Metrics where higher is better, in the order tables show them.
 EVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro", "aupro_code")
+# One resolution for every method's mIoU and its fair threshold, so that the thresholds mean the
+# same (U-Flow's evaluation size).
+MIOU_SIZE = (256, 256)
 
 
 # --------------------------------------------------------------------------- small utilities
@@ -67,11 +76,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    """Write through a temporary file in the same folder and rename: readers never see half a file.
+
+    The file gets the permissions the user's umask gives (mkstemp alone makes it owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -84,6 +102,24 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def remove_partial_writes(folder: Path, names: Sequence[str]) -> None:
+    """Delete the temporary files a killed ``atomic_write_bytes`` left (``.<name>.<random>``)."""
+    for name in names:
+        for leftover in folder.glob(f".{name}.*"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+
+
+def _differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the values that differ between two nested dicts."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            out += _differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if recorded == current else [f"{prefix[:-1]} ({recorded!r} -> {current!r})"]
 
 
 # --------------------------------------------------------------------------- features
@@ -113,6 +149,24 @@ def extract_features(extractor: torch.nn.Module, loader: DataLoader, device: tor
     return FeatureSet([torch.cat(scale) for scale in zip(*parts)])
 
 
+def check_input_convention(extractor: torch.nn.Module, preprocessing: Any) -> None:
+    """A backbone trained on other inputs than ImageNet-normalised ones (TF EfficientNet-Lite: [-1, 1])
+    converts the loader's images itself, from ImageNet statistics: any other statistics would be
+    converted wrongly, so they are refused."""
+    from harness.data import IMAGENET_MEAN, IMAGENET_STD
+    from harness.weights import InputConvention
+
+    converts = any(isinstance(m, InputConvention) for m in extractor.modules())
+    imagenet = all(abs(a - b) < 1e-6 for a, b in zip((*preprocessing.mean, *preprocessing.std),
+                                                     (*IMAGENET_MEAN, *IMAGENET_STD)))
+    if converts and not imagenet:
+        raise ConfigError(
+            f"the backbone takes its own input normalisation and converts it from ImageNet statistics, but this "
+            f"method normalises with mean={preprocessing.mean} std={preprocessing.std}; set mean and std to "
+            f"ImageNet's {IMAGENET_MEAN} / {IMAGENET_STD} for this backbone"
+        )
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -122,7 +176,8 @@ class EvalResult:
     log_likelihoods: list[torch.Tensor]  # per scale [N, h, w], float16, on cpu
     scores: Scores
     labels: np.ndarray
-    masks: np.ndarray
+    masks: np.ndarray  # at the metric size
+    log_likelihoods_float32: list[torch.Tensor] | None = None  # the same maps before float16 storage
 
 
 @dataclass
@@ -146,12 +201,22 @@ class Trainer:
     def __init__(self, spec: RunSpec, settings: RunSettings | None = None, tracker: Any = None):
         self.spec = spec
         self.settings = settings or RunSettings()
-        self.config = create_method(spec.method, **self._class_settings(spec))
+        self.config = create_method(spec.method, **self._class_settings(spec, self.settings.seed))
         self.device = resolve_device(self.settings.device)
-        self.seed = self.settings.seed if self.settings.seed is not None else self.config.seed
+        # One seed for the whole run: flow initialisation and permutations (the config's seed) and
+        # the data order and augmentation (seed_everything below).
+        self.seed = self.config.seed
         self.epochs = self.settings.epochs or self.config.epochs
         self.eval_every = self.settings.eval_every or self.config.eval_every
+        for name, value in (("epochs", self.epochs), ("eval_every", self.eval_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{spec.method} would run with {name}={value!r}: the training budget must be a "
+                    f"positive number of epochs (check meta_epochs, sub_epochs, epochs and eval_every)"
+                )
         self.image_size = tuple(self.config.input_size_for(spec.class_name))
+        self.preprocessing = self.config.preprocessing()
+        self.metric_size = tuple(getattr(self.config, "metric_size", None) or self.image_size)
         use_cache = self.settings.feature_cache
         self.feature_cache = (not self.config.augment) if use_cache is None else use_cache
         if self.feature_cache and self.config.augment:
@@ -163,12 +228,20 @@ class Trainer:
         self.out = spec.out_dir
 
     @staticmethod
-    def _class_settings(spec: RunSpec) -> dict[str, Any]:
+    def _class_settings(spec: RunSpec, seed: int | None = None) -> dict[str, Any]:
         """Overrides plus the class, for methods whose official settings differ per class
-        (U-Flow's per-class learning rates, batches and epochs: the ``tuned_class`` field)."""
+        (U-Flow's per-class learning rates, batches and epochs: the ``tuned_class`` field), plus
+        the run seed, which replaces the method's own default seed (None keeps it)."""
         from methods.registry import config_fields
 
         overrides = dict(spec.overrides)
+        if seed is not None:
+            if "seed" in overrides and overrides["seed"] != seed:
+                raise ConfigError(
+                    f"{spec.method}: the method setting seed={overrides['seed']} and the run seed {seed} differ; "
+                    "give the seed once (the run seed: --seed or params.yaml `seeds`)"
+                )
+            overrides["seed"] = seed
         if "tuned_class" in config_fields(spec.method):
             overrides.setdefault("tuned_class", spec.class_name)
         return overrides
@@ -183,8 +256,10 @@ class Trainer:
 
     def _setup(self) -> None:
         root, cls = self.spec.data_root, self.spec.class_name
-        self.train_set = AnomalyDataset(root, cls, "train", self.image_size)
-        self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False)
+        self._check_data()
+        self.train_set = AnomalyDataset(root, cls, "train", self.image_size, preprocessing=self.preprocessing)
+        self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False,
+                                       preprocessing=self.preprocessing)
         if self.drop_last and len(self.train_set) < self.config.batch_size:
             raise ConfigError(
                 f"{self.spec.method} drops a partial last batch (drop_last=true, as its reference does), and "
@@ -192,23 +267,38 @@ class Trainer:
                 f"{self.config.batch_size}: it would never train. Lower batch_size or set drop_last=false."
             )
         self.data_hash = dataset_hash(root, cls)
+        if self.settings.image_cache and self.preprocessing.eight_bit:  # float resizing is not cached
+            for dataset in (self.train_set, self.test_set):
+                dataset.use_image_cache(self.settings.image_cache, self.data_hash)
         self.generator = seed_everything(self.seed)
         with weight_sources(self.settings.weights) as used:
             self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
         self.weights_used = [w.record() for w in used]  # the run record's "weights"
+        check_input_convention(self.extractor, self.preprocessing)
         self.model = build_model(self.config, self.extractor.channels).to(self.device)
         self.optimizer = self.config.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scheduler = self.config.make_scheduler(self.optimizer)
-        amp = self.settings.precision == "amp"
-        self.autocast_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp and self.device.type == "cuda")
-        self.amp = amp
+        # bf16 keeps float32's exponent range, so no loss scaling: the scaler stays a pass-through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        prepare_model(self.model, self.device, self.settings.precision, compile=self.settings.compile,
+                      channels_last=self.settings.channels_last)
         progress = self.settings.progress
         if self.feature_cache:
             self.train_features = extract_features(self.extractor, self._loader(self.train_set),
                                                    self.device, progress, "train features")
             self.test_features = extract_features(self.extractor, self._loader(self.test_set),
                                                   self.device, progress, "test features")
+
+    def _check_data(self) -> None:
+        """An installed dataset must still match the file list written at install."""
+        root = self.spec.data_root
+        check_installed(root, [self.spec.class_name], repair=(
+            f"Nothing was trained. Reinstall the data: `python -m harness fetch {root.name} --data-root "
+            f"{root.parent} --force` (or `generate --out {root}` for the embedded set)."))
+
+    def _flow_input(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Features in the memory layout the flows were prepared for."""
+        return [to_channels_last(f) for f in features] if self.settings.channels_last else features
 
     # -- one epoch ----------------------------------------------------------------------------
 
@@ -262,20 +352,25 @@ class Trainer:
     def _batch_losses(self, features: list[torch.Tensor]):
         """One loss per optimiser step. Most methods take one step per image batch; a method may
         define ``training_losses(features)`` to take several (CFlow's fiber batches)."""
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
-            if hasattr(self.model, "training_losses"):
-                yield from self.model.training_losses(features)
-            else:
-                yield self.model.loss(self.model(features))
+        features = self._flow_input(features)
+        if hasattr(self.model, "training_losses"):
+            yield from self.model.training_losses(features)
+        else:
+            yield self.model.loss(self.model(features))
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def log_likelihoods(self, split: str = "test") -> list[torch.Tensor]:
         """Per-scale log-likelihood maps of a split, float16 on cpu (what maps.npz stores).
 
         Metrics are computed from these float16 maps, so re-scoring a stored run gives exactly the
         figures it reported."""
+        return [m.half() for m in self.log_likelihoods_float32(split)]
+
+    @torch.no_grad()
+    def log_likelihoods_float32(self, split: str = "test") -> list[torch.Tensor]:
+        """The same maps in float32, before storage rounding (what a method's own metrics, such as
+        U-Flow's NFA, are computed from: float16 ties change its region tree)."""
         self.model.eval()
         dataset, cached = (self.test_set, "test_features") if split == "test" else (self.train_set, "train_features")
         parts: list[list[torch.Tensor]] = []
@@ -286,24 +381,27 @@ class Trainer:
         else:
             batches = (self.extractor(b["image"].to(self.device)) for b in self._loader(dataset))
         for features in batches:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp):
-                out = self.model(features)
+            out = self.model(self._flow_input(features))
             self.latent_channels = [z.shape[1] for z in out.latents]
-            parts.append([m.float().half().cpu() for m in self.model.log_likelihood_maps(out)])
+            parts.append([m.float().cpu() for m in self.model.log_likelihood_maps(out)])
         return [torch.cat(scale) for scale in zip(*parts)]
 
     def _ground_truth(self) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and masks at the metric size (masks at the input size, resized as the method's
+        reference does: bilinear, then > 0.5)."""
         if not hasattr(self, "_gt"):
             labels = np.array([r.label for r in self.test_set.records])
             masks = np.stack([self.test_set[i]["mask"][0].numpy() > 0.5 for i in range(len(self.test_set))])
-            self._gt = (labels, masks)
+            self._gt = (labels, resize_masks(masks, self.metric_size))
         return self._gt
 
     def evaluate(self) -> EvalResult:
-        logp = self.log_likelihoods()
+        exact = self.log_likelihoods_float32()
+        logp = [m.half() for m in exact]
         labels, masks = self._ground_truth()
-        scores = score(logp, self.image_size, self.config.scoring())
-        return EvalResult(evaluate_scores(scores, labels, masks), logp, scores, labels, masks)
+        scores = score(logp, self.metric_size, self.config.scoring())
+        check_finite(scores, logp, f"{self.spec.method} on {self.spec.class_name}")
+        return EvalResult(evaluate_scores(scores, labels, masks), logp, scores, labels, masks, exact)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -312,13 +410,14 @@ class Trainer:
             "epoch": epoch,
             "config": to_dict(self.config),
             "seed": self.seed,
+            "identity": self.run_identity(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": ckpt.numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "batches": self.generator.get_state(),
@@ -326,23 +425,58 @@ class Trainer:
             "history": {"epochs": history.epochs, "best": history.best},
             "tracking_run_id": getattr(self.tracker, "run_id", None),
         }
-        atomic_write_bytes(self.out / CHECKPOINT, lambda f: torch.save(state, f))
+        atomic_write_bytes(self.out / CHECKPOINT, lambda f: ckpt.save(state, f))
 
-    def _load_checkpoint(self) -> tuple[int, History]:
+    def run_config(self) -> dict[str, Any]:
+        """The run's configuration as record.json keeps it."""
+        return {"method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
+                "method_config": to_dict(self.config),
+                "settings": {**to_dict(self.settings), "seed": self.seed}, "seed": self.seed,
+                "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every}
+
+    def tracking_params(self) -> dict[str, Any]:
+        """MLflow parameters: the run config without display flags, since MLflow refuses a changed
+        parameter when a run is resumed, and a progress bar changes no result."""
+        config = self.run_config()
+        config["settings"] = {k: v for k, v in config["settings"].items() if k not in DISPLAY_SETTINGS}
+        return config
+
+    def run_identity(self) -> dict[str, Any]:
+        """Everything a run's result depends on: a resumed run must match it exactly."""
+        settings = {k: v for k, v in to_dict(self.settings).items() if k not in DISPLAY_SETTINGS}
+        settings["device"] = self.device.type  # "auto" and "cuda" name the same device
+        return json.loads(json.dumps({
+            "method": self.spec.method, "class": self.spec.class_name,
+            "method_config": to_dict(self.config), "settings": settings, "seed": self.seed,
+            "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every,
+            "data_hash": self.data_hash,
+        }))
+
+    def _resumable_state(self) -> dict[str, Any]:
+        """The checkpoint to resume from, once it is known to be this run's (settings and data);
+        checked before any feature is computed, so a refusal costs no training time."""
         path = self.out / CHECKPOINT
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config"] != to_dict(self.config) or state["seed"] != self.seed:
-            raise HarnessError(
-                f"{path} was written with other settings than this run's; resume with the same "
-                "method settings and seed, or start a new run in another --out folder"
+        state = ckpt.load(path, map_location=self.device)
+        if not hasattr(self, "data_hash"):
+            self._check_data()
+            self.data_hash = dataset_hash(self.spec.data_root, self.spec.class_name)
+        changed = _differences(state.get("identity"), self.run_identity())
+        if changed:
+            raise ckpt.CheckpointError(
+                f"{path} was written by a run with other settings or data; changed: "
+                f"{'; '.join(changed[:8])}. Resume with the same settings and data, or start a new "
+                f"run in another --out folder"
             )
+        return state
+
+    def _load_checkpoint(self, state: dict[str, Any]) -> tuple[int, History]:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        ckpt.set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -370,26 +504,21 @@ class Trainer:
         self._check_out_dir(resume)
         if resume and (self.out / METRICS).exists():
             return json.loads((self.out / METRICS).read_text())
+        if self.out.is_dir():
+            remove_partial_writes(self.out, RUN_FILES)
+        state = self._resumable_state() if resume and (self.out / CHECKPOINT).exists() else None
         self._setup()
         self.out.mkdir(parents=True, exist_ok=True)
-        record = run_record(
-            config={"method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
-                    "method_config": to_dict(self.config), "settings": to_dict(self.settings),
-                    "feature_cache": self.feature_cache, "epochs": self.epochs, "eval_every": self.eval_every},
-            data_hash=self.data_hash, seed=self.seed, device=str(self.device),
-        )
+        record = run_record(config=self.run_config(), data_hash=self.data_hash, seed=self.seed,
+                            device=str(self.device))
         record["weights"] = self.weights_used
         start, history = 0, History()
-        if resume and (self.out / CHECKPOINT).exists():
-            start, history = self._load_checkpoint()
+        if state is not None:
+            start, history = self._load_checkpoint(state)
         atomic_write_json(self.out / RECORD, record)
         tracker = self.tracker
         if tracker is not None:
-            tracker.log_params({"method": self.spec.method, "class": self.spec.class_name,
-                                "dataset": self.spec.dataset, **record["config"]})
-            weights = "; ".join(f"{w['backbone']}: {w['label']}" for w in self.weights_used)
-            tracker.set_tags({"backbone_weights": weights,
-                              "pretrained": str(any(w["source"] != "random" for w in self.weights_used)).lower()})
+            tracker.log_params(self.tracking_params())
             tracker.log_record(record)
 
         result = None
@@ -419,21 +548,25 @@ class Trainer:
         return summary
 
     def _final_metrics(self, result: EvalResult) -> dict[str, float]:
-        """Metrics computed once, on the final model: mIoU at the "fair" threshold (one false
-        positive pixel per training image, U-Flow's protocol for methods without their own
-        threshold) and at the oracle threshold, plus any metric the method defines itself."""
+        """Metrics computed once, on the final model: mIoU of the likelihood map at the "fair"
+        threshold (one false positive pixel per training image, U-Flow's protocol for methods
+        without their own threshold) and at the oracle threshold, both at MIOU_SIZE for every
+        method, plus any metric the method defines itself (from the float32 maps)."""
         metrics = dict(result.metrics)
         if not result.masks.any():
             return metrics
-        train_maps = score(self.log_likelihoods("train"), self.image_size, self.config.scoring()).pro_map
+        scoring = self.config.scoring()
+        train_maps = score(self.log_likelihoods("train"), MIOU_SIZE, scoring).pro_map
+        test_maps = (result.scores.pro_map if self.metric_size == MIOU_SIZE
+                     else score(result.log_likelihoods, MIOU_SIZE, scoring).pro_map).numpy()
+        masks = resize_masks(result.masks, MIOU_SIZE)
         threshold = M.fair_threshold(train_maps.numpy())
         metrics["fair_threshold"] = threshold
-        metrics["miou_fair"] = M.miou(result.masks, result.scores.pro_map.numpy(), threshold)
-        metrics["miou_oracle"], metrics["oracle_threshold"] = M.best_miou(
-            result.masks, result.scores.pro_map.numpy())
+        metrics["miou_fair"] = M.miou(masks, test_maps, threshold)
+        metrics["miou_oracle"], metrics["oracle_threshold"] = M.best_miou(masks, test_maps)
         if hasattr(self.config, "extra_metrics"):
-            metrics.update(self.config.extra_metrics(result.log_likelihoods, self.latent_channels,
-                                                     result.masks, self.image_size))
+            metrics.update(self.config.extra_metrics(result.log_likelihoods_float32, self.latent_channels,
+                                                     result.masks, self.metric_size))
         return metrics
 
     def _finish(self, result: EvalResult, history: History) -> dict[str, Any]:
@@ -442,17 +575,26 @@ class Trainer:
                   self.latent_channels)
         final = self._final_metrics(result)
         if self.tracker is not None:
-            self.tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=self.epochs)
-        artifacts = write_figures(self.out / "artifacts", result, self.test_set) if self.settings.figures else []
+            # The last epoch's row is logged already; what only the final model has (mIoU, the
+            # thresholds, a method's own metrics) is added at that step, and the per-metric best
+            # epochs, which the papers report, under their own names.
+            logged = history.epochs[-1] if history.epochs and history.epochs[-1]["epoch"] == self.epochs else {}
+            self.tracker.log_metrics({k: v for k, v in final.items() if k not in logged}, step=self.epochs)
+            self.tracker.log_metrics(best_metrics(history.best), step=self.epochs)
+        artifacts = write_figures(self.out / "artifacts", result, self.test_set, final.get("fair_threshold"),
+                                  title=f"{self.spec.method} {self.spec.dataset}/{self.spec.class_name}") \
+            if self.settings.figures else []
         summary = {
             "method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
             "epochs": self.epochs, "last": final,
             "best": history.best, "history": history.epochs,
             "image_size": list(self.image_size), "seed": self.seed,
+            "identity": self.run_identity(),
         }
         if self.tracker is not None:
-            for path in [self.out / RECORD, *artifacts]:
-                self.tracker.log_artifact(path)
+            self.tracker.log_artifact(self.out / RECORD)
+            for path in artifacts:
+                self.tracker.log_artifact(path, artifact_path="figures")
         atomic_write_json(self.out / METRICS, summary)  # last: its presence marks a complete run
         if self.tracker is not None:
             self.tracker.log_artifact(self.out / METRICS)
@@ -460,6 +602,19 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+
+def check_finite(scores: Scores, logp: list[torch.Tensor], what: str) -> None:
+    """TrainingError when scores are NaN or infinite: AUROCs of such scores mean nothing."""
+    bad = int((~torch.isfinite(scores.image)).sum())
+    if bad:
+        low = min(float(m.float().min()) for m in logp)
+        raise TrainingError(
+            f"{bad} of {len(scores.image)} image scores of {what} are not finite although the loss "
+            f"was (lowest stored log-likelihood: {low}; float16 maps hold values down to -65504 "
+            f"only, so the model assigns vanishing likelihoods). The model has diverged: try a lower "
+            f"lr or fewer epochs; no metrics were written."
+        )
 
 
 def evaluate_scores(scores: Scores, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:
@@ -500,44 +655,50 @@ def load_maps(path: Path) -> StoredMaps:
         return StoredMaps(logp, data["labels"], list(data["paths"]), data["channels"].tolist())
 
 
-def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset) -> list[Path]:
-    from harness.tracking import image_grid_png, pro_curve_png, roc_curve_png
+def best_metrics(best: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"image_auroc": {"value": v, "epoch": e}}`` -> ``{"best_image_auroc": v,
+    "best_image_auroc_epoch": e}``: the per-metric best epochs as metrics of their own."""
+    out: dict[str, float] = {}
+    for name, entry in best.items():
+        out[f"best_{name}"] = entry["value"]
+        out[f"best_{name}_epoch"] = entry["epoch"]
+    return out
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [roc_curve_png(result.labels, result.scores.image.numpy(), folder / "roc_image.png")]
-    if result.masks.any():
-        fpr, pro = M.pro_curve(result.masks, result.scores.pro_map.numpy())
-        paths.append(pro_curve_png(fpr, pro, folder / "pro_curve.png"))
-    # A few defective and a few good images, so the grid shows both kinds of error.
-    defect = np.flatnonzero(result.labels == 1)[:6]
-    good = np.flatnonzero(result.labels == 0)[:2]
-    picks = [int(i) for i in np.concatenate([defect, good])]
-    images = torch.stack([dataset[i]["image"] for i in picks])
-    paths.append(image_grid_png(images, result.masks[picks], result.scores.pixel_map[picks].numpy(),
-                                folder / "anomaly_maps.png"))
-    return paths
+
+def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset, threshold: float | None,
+                  title: str = "") -> list[Path]:
+    """ROC and PRO curves (PNG, PDF, CSV) and the map grid of a run (harness.figures)."""
+    from harness.figures import run_figures
+
+    return run_figures(folder, result.labels, result.scores.image, result.scores.pro_map, result.masks,
+                       threshold, dataset, title=title)
 
 
 # --------------------------------------------------------------------------- entry points
 
-TRACKING_ID = "tracking_run_id.txt"
 
-
-def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: bool = False) -> dict[str, Any]:
+def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: bool = False,
+                 labels: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one run with MLflow tracking; ``resume`` continues an interrupted run
-    in the same MLflow run."""
-    from harness.tracking import Tracker, default_tracking_uri
+    in the same MLflow run. ``labels``: what the run is in the experiment grid (protocol, variant,
+    demo), as MLflow tags and in the run name."""
+    from harness.tracking import Tracker, default_tracking_uri, run_name
 
     settings = settings or RunSettings()
+    labels = {"protocol": "none", "variant": _variant_of(spec), "demo": False, **(labels or {})}
     trainer = Trainer(spec, settings)
     trainer._check_out_dir(resume)
     if resume and (spec.out_dir / METRICS).exists():
         return json.loads((spec.out_dir / METRICS).read_text())
     id_file = spec.out_dir / TRACKING_ID
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+    seed = settings.seed if settings.seed is not None else trainer.config.seed
+    name_variant = labels["protocol"] if labels["variant"] == "default" else labels["variant"]
     tracker = Tracker(
         uri=settings.tracking_uri or default_tracking_uri(), experiment=settings.experiment,
-        run_name=f"{spec.method}/{spec.dataset}/{spec.class_name}", enabled=settings.tracking, run_id=run_id,
+        run_name=run_name(spec.method, spec.dataset, spec.class_name, name_variant, seed),
+        enabled=settings.tracking, run_id=run_id,
+        tags={**labels, "demo": str(bool(labels["demo"])).lower(), "seed": seed},
     )
     with tracker:
         if tracker.run_id is not None:
@@ -545,6 +706,13 @@ def run_training(spec: RunSpec, settings: RunSettings | None = None, resume: boo
             atomic_write_bytes(id_file, lambda f: f.write(tracker.run_id.encode()))
         trainer.tracker = tracker
         return trainer.fit(resume)
+
+
+def _variant_of(spec: RunSpec) -> str:
+    """A run outside the grid is named by its overrides (``pool=max``), or ``default``."""
+    if not spec.overrides:
+        return "default"
+    return ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted(spec.overrides.items()))
 
 
 def rescore_maps(spec: RunSpec, scoring: Any = None) -> dict[str, float]:
@@ -561,24 +729,57 @@ def rescore_many(spec: RunSpec, scorings: Sequence[Any]) -> list[dict[str, float
         raise HarnessError(f"{path} not found; train the run first (it is written at the end of training)")
     trainer = Trainer(spec, RunSettings(tracking=False, progress=False))
     stored = load_maps(path)
-    test_set = AnomalyDataset(spec.data_root, spec.class_name, "test", trainer.image_size, validate=False)
+    test_set = AnomalyDataset(spec.data_root, spec.class_name, "test", trainer.image_size, validate=False,
+                              preprocessing=trainer.preprocessing)
     class_dir = spec.data_root / spec.class_name
     if [str(Path(r.path).relative_to(class_dir)) for r in test_set.records] != stored.paths:
         raise HarnessError(f"{path} was made from another test set than {class_dir}; the data changed")
     masks = np.stack([test_set[i]["mask"][0].numpy() > 0.5 for i in range(len(test_set))])
-    return [evaluate_scores(score(stored.log_likelihoods, trainer.image_size, scoring or trainer.config.scoring()),
+    masks = resize_masks(masks, trainer.metric_size)
+    return [evaluate_scores(score(stored.log_likelihoods, trainer.metric_size, scoring or trainer.config.scoring()),
                             stored.labels, masks) for scoring in scorings]
+
+
+def _check_recorded_config(spec: RunSpec) -> None:
+    """Stored maps come from the run's own model: only scoring settings may differ from its record."""
+    from harness.scoring import ScoringSpec
+
+    path = spec.out_dir / RECORD
+    if not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text())["config"]["method_config"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise HarnessError(f"{path} is not a run record ({err}); the run folder is damaged") from None
+    current = to_dict(Trainer(spec, RunSettings(tracking=False, progress=False)).config)
+    scoring = {f.name for f in dataclasses.fields(ScoringSpec)}
+    changed = [d for d in _differences(recorded, current) if d.split(" ")[0].split(".")[0] not in scoring]
+    if changed:
+        raise HarnessError(
+            f"{spec.out_dir} was trained with other method settings than given; changed: "
+            f"{'; '.join(changed[:8])}. Its maps can only be re-scored (scoring settings such as "
+            f"top_k or image_aggregation); drop the other --set values."
+        )
 
 
 def evaluate_run(spec: RunSpec, settings: RunSettings | None = None, from_maps: bool = False) -> dict[str, float]:
     """Evaluate a run's checkpoint on its test set (or re-score its stored maps); writes nothing."""
     if from_maps:
+        _check_recorded_config(spec)
         return rescore_maps(spec)
     path = spec.out_dir / CHECKPOINT
     if not path.exists():
         raise HarnessError(f"{path} not found; train first or point --out at a run folder")
     trainer = Trainer(spec, settings or RunSettings(tracking=False))
+    state = ckpt.load(path, map_location=trainer.device)
+    changed = _differences(state.get("config"), to_dict(trainer.config))
+    if changed:
+        # Another pooling or input size would score the stored model on other features.
+        raise ckpt.CheckpointError(
+            f"{path} was trained with other method settings than given; changed: "
+            f"{'; '.join(changed[:8])}. Evaluate with the run's own settings (drop those --set), "
+            f"or re-score its maps with another scoring (`flowad evaluate --from-maps`)."
+        )
     trainer._setup()
-    state = torch.load(path, map_location=trainer.device, weights_only=False)
     trainer.model.load_state_dict(state["model"])
     return trainer.evaluate().metrics

@@ -3,15 +3,30 @@ settings; these plain mixins add what the shared loop asks of all of them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
+from harness.data import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from harness.errors import ConfigError
 
 
+@dataclass
 class MethodConfig:
-    """Validation messages that name the setting, and the no-augmentation default."""
+    """Validation messages that name the setting, the no-augmentation default, and the image
+    pipeline of the method's reference code (harness.data.Preprocessing): how images and masks
+    are resized and the normalisation statistics. The defaults are MSFlow's and CFlow's (LANCZOS,
+    NEAREST, ImageNet); a method whose reference differs sets its own defaults."""
 
     label: ClassVar[str] = "method"  # the method's name as papers write it, for messages
+
+    image_resize: str = "lanczos"  # harness.data.IMAGE_RESIZE_METHODS
+    mask_resize: str = "nearest"  # harness.data.MASK_RESIZE_METHODS
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def preprocessing(self) -> Preprocessing:
+        """The image pipeline as the data reader takes it (a ConfigError names a bad setting)."""
+        return Preprocessing(self.image_resize, self.mask_resize, tuple(self.mean), tuple(self.std))
 
     def _check(self, ok: bool, name: str, expected: str) -> None:
         if not ok:

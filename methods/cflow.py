@@ -17,6 +17,9 @@ and subtracted from the set-wide maximum of the sum. The image score is the maxi
 Settings that the official code leaves to chance or to its command line, and how they are fixed here:
 - seed: the official code seeds from the clock; here ``seed`` (default 0) fixes the decoders'
   initialisation and rotations, and the training loop's seed fixes fiber order and augmentation.
+- zero_grad: the official code ran on torch 1.8, whose ``zero_grad()`` kept zero-filled
+  gradients, so Adam kept moving the decoders not being trained; ``torch18_zero_grad`` (on by
+  default) reproduces it, off gives torch 2's behaviour.
 - learning-rate warm-up: the official code ramps the rate after every image batch during the
   first 2 meta-epochs; here it ramps once per training epoch (the loop steps schedulers per epoch),
   and the value at the start of every epoch is the official one. The cosine part is per
@@ -31,17 +34,19 @@ from dataclasses import dataclass, field
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from harness import metrics as M
 from harness.data import IMAGENET_MEAN, IMAGENET_STD
 from harness.errors import ConfigError
 from harness.features import FeatureExtractor
 from harness.flows import FlowOutput, all_in_one_flow, fc_subnet, positional_encoding_2d, seeded_construction
-from harness.scoring import NORMALISATIONS, ScoringSpec
+from harness.scoring import NORMALISATIONS, ScoringSpec, score
 from methods.base import MethodConfig, MetaEpochs
 from methods.registry import register_method
 
@@ -96,6 +101,11 @@ class CFlowConfig(MethodConfig, MetaEpochs):
     grad_clip: float | None = None
     rotation_degrees: float = 5.0  # RandomRotation(5) on training images; 0 = no augmentation
     seed: int = 0
+    # The reference ran on torch 1.8, whose zero_grad() left zero-filled gradients: from the first
+    # time a decoder is trained on, Adam moves it at every fiber step of the other two decoders as
+    # well (by its running moments). True reproduces that; False = torch 2's zero_grad, which
+    # drops the gradients so that Adam leaves idle decoders alone (the unified protocol).
+    torch18_zero_grad: bool = True
 
     # Scoring [3.4]: "set" = per-layer and final maxima over the whole test set (official);
     # "image" = per image (the unified protocol).
@@ -136,7 +146,7 @@ class CFlowConfig(MethodConfig, MetaEpochs):
         """Rotate every image by its own angle, uniform in [-rotation_degrees, rotation_degrees].
         generator=None draws from torch's default generator, which the training loop seeds and
         checkpoints."""
-        return random_rotation_augment(images, self.rotation_degrees, generator)
+        return random_rotation_augment(images, self.rotation_degrees, generator, self.mean, self.std)
 
     def input_size_for(self, class_name: str) -> tuple[int, int]:
         return self.input_size_overrides.get(class_name, self.input_size)
@@ -149,11 +159,22 @@ class CFlowConfig(MethodConfig, MetaEpochs):
         return FeatureExtractor(**self.feature_extractor_kwargs(), pretrained=pretrained)
 
     def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """One Adam over all decoders, default betas and eps, no weight decay."""
-        return torch.optim.Adam([p for p in params if p.requires_grad], lr=self.lr)
+        """One Adam over all decoders, default betas and eps, no weight decay; with torch18_zero_grad,
+        gradients are zero-filled between steps instead of dropped."""
+        adam = ZeroFilledGradAdam if self.torch18_zero_grad else torch.optim.Adam
+        return adam([p for p in params if p.requires_grad], lr=self.lr)
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return make_scheduler(self, optimizer)
+
+    def extra_metrics(self, log_likelihoods: Sequence[Tensor], channels: Sequence[int], masks: np.ndarray,
+                      image_size: tuple[int, int]) -> dict[str, float]:
+        """AU-PRO as CFlow-AD's own code computes it (the convention of its published PRO; see
+        harness.metrics, "cflow"), on the final model's PRO map."""
+        if not np.asarray(masks).any():
+            return {}
+        pro_map = score(log_likelihoods, image_size, self.scoring()).pro_map.numpy()
+        return {"aupro_cflow": M.aupro(masks, pro_map, convention="cflow", n_thresholds=1000)}
 
     def scoring(self) -> ScoringSpec:
         """One additive map for every metric, image score = its maximum [3.4]."""
@@ -165,6 +186,16 @@ class CFlowConfig(MethodConfig, MetaEpochs):
             image_reduction="max",
             align_corners=True,
         )
+
+
+class ZeroFilledGradAdam(torch.optim.Adam):
+    """Adam whose zero_grad() fills gradients with zeros instead of dropping them, whatever the
+    caller asks (torch 1.8's behaviour). A parameter that has had a gradient once then takes a
+    step at every optimiser step, driven by its running moments, even when the loss does not
+    depend on it: CFlow's decoders keep moving while another layer's fibers are trained."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=False)
 
 
 # --- learning rate [3.3] -------------------------------------------------------------------------
@@ -201,16 +232,17 @@ def make_scheduler(config: CFlowConfig, optimizer: torch.optim.Optimizer) -> tor
 # --- augmentation [3.3] ----------------------------------------------------------------------------
 
 
-def random_rotation_augment(images: Tensor, degrees: float, generator: torch.Generator | None = None) -> Tensor:
+def random_rotation_augment(images: Tensor, degrees: float, generator: torch.Generator | None = None,
+                            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """torchvision RandomRotation(degrees) applied image by image to normalised images [B, 3, H, W].
 
     Same as the reference: nearest-neighbour interpolation (RandomRotation's default), no expansion,
     rotation about the centre, and corners filled with black. The images here are already
-    ImageNet-normalised, so "black" is the normalised value of 0 in every channel."""
+    normalised with ``mean`` and ``std``, so "black" is the normalised value of 0 in every channel."""
     if degrees <= 0:
         return images
     angles = (torch.rand(images.shape[0], generator=generator, dtype=torch.float64) * 2.0 - 1.0) * degrees
-    black = [-mean / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    black = [-m / s for m, s in zip(mean, std)]
     fill = black if images.shape[1] == len(black) else 0.0
     rotated = [
         TF.rotate(image, float(angle), interpolation=InterpolationMode.NEAREST, fill=fill)

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import timm
+from timm.layers import Conv2dSame
 from typing import ClassVar
 
 import torch
@@ -61,6 +62,14 @@ class CSFlowConfig(MethodConfig, MetaEpochs):
     n_scales: int = 3  # the image at 1, 1/2, 1/4 of its size
     downscale_mode: str = "nearest"  # F.interpolate's default, as the official code
     input_size: tuple[int, int] = (768, 768)
+    # The official code's EfficientNet package (efficientnet_pytorch 0.7.x) fixes TF "same" padding
+    # at build time for the network's own input size (456 px for B5) and keeps it at every size;
+    # at 768 / 384 / 192 px the stride-2 convolutions of blocks 13 and 27 then pad symmetrically
+    # instead of (0, 1) and (1, 2), which moves the feature grid. None = timm's padding, computed
+    # for the actual input size.
+    static_padding_size: int | None = 456
+    # torchvision's Resize (the official transform) on PIL images: PIL's bilinear filter.
+    image_resize: str = "bilinear"
 
     # Flow [5.2]
     kernel_sizes: tuple[int, ...] = (3, 3, 3, 5)  # one coupling block per entry
@@ -102,13 +111,16 @@ class CSFlowConfig(MethodConfig, MetaEpochs):
         self._check(self.hidden_channels >= 1, "hidden_channels", "at least 1")
         self._check(self.downscale_mode in DOWNSCALE_MODES, "downscale_mode", f"one of {DOWNSCALE_MODES}")
         self._check(self.pixel_aggregation in AGGREGATIONS, "pixel_aggregation", f"one of {AGGREGATIONS}")
+        self._check(self.static_padding_size is None or self.static_padding_size > 0, "static_padding_size",
+                    "a positive input size (456: EfficientNet-B5's own) or null (timm's padding)")
 
     def input_size_for(self, class_name: str) -> tuple[int, int]:
         return self.input_size
 
     def feature_extractor(self, pretrained: bool = True, weights_path: str | Path | None = None) -> nn.Module:
         return MultiScaleEfficientNet(
-            self.backbone, self.block_stage, self.n_scales, self.downscale_mode, pretrained, weights_path
+            self.backbone, self.block_stage, self.n_scales, self.downscale_mode, pretrained, weights_path,
+            self.static_padding_size,
         )
 
     def scoring(self) -> ScoringSpec:
@@ -157,6 +169,62 @@ def stage_stride(architecture: str, block_stage: int) -> int:
     return stride
 
 
+def static_same_pads(architecture: str, block_stage: int, build_size: int) -> dict[str, tuple[int, int, int, int]]:
+    """The fixed (left, right, top, bottom) zero padding of every dynamically padded convolution
+    of the stem and blocks[0 .. block_stage], as efficientnet_pytorch 0.7 computes it once for a
+    square input of ``build_size`` px: with the convolution's input size i at that build size,
+    output ceil(i / s) and total padding max((out - 1) * s + (k - 1) * d + 1 - i, 0), the smaller
+    half on the left / top. Keys are module names of the timm model.
+
+    The input sizes at build size are read by running an empty (meta) copy of the network."""
+    with torch.device("meta"):
+        model = timm.create_model(architecture, pretrained=False)
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [
+        module.register_forward_pre_hook(lambda m, args, name=name: sizes.__setitem__(name, args[0].shape[-2:]))
+        for name, module in model.named_modules() if isinstance(module, Conv2dSame)
+    ]
+    with torch.no_grad():
+        model.blocks[: block_stage + 1](model.bn1(model.conv_stem(torch.empty(1, 3, build_size, build_size,
+                                                                            device="meta"))))
+    for hook in hooks:
+        hook.remove()
+    pads = {}
+    for name, module in model.named_modules():
+        if name not in sizes:
+            continue
+        totals = []
+        for size, k, stride, dilation in zip(sizes[name], module.kernel_size, module.stride, module.dilation):
+            out = -(-size // stride)
+            totals.append(max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0))
+        pad_h, pad_w = totals
+        pads[name] = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    return pads
+
+
+class StaticSamePadConv2d(nn.Module):
+    """A convolution with a fixed zero padding (left, right, top, bottom) before it, in place of
+    timm's padding computed from every input's size."""
+
+    def __init__(self, conv: nn.Conv2d, pad: tuple[int, int, int, int]):
+        super().__init__()
+        self.conv = conv
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        return F.conv2d(F.pad(x, self.pad), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def use_static_same_padding(model: nn.Module, architecture: str, block_stage: int, build_size: int) -> None:
+    """Replace the dynamically padded convolutions of ``model`` by ones padded as
+    efficientnet_pytorch 0.7 pads them for ``build_size`` (static_same_pads)."""
+    for name, pad in static_same_pads(architecture, block_stage, build_size).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, StaticSamePadConv2d(getattr(parent, child), pad))
+
+
 def stage_channels(model: nn.Module, block_stage: int) -> int:
     """Output channels of ``model.blocks[block_stage]`` (its last BatchNorm's width)."""
     norms = [m for m in model.blocks[block_stage].modules() if isinstance(m, nn.BatchNorm2d)]
@@ -175,9 +243,11 @@ class MultiScaleEfficientNet(nn.Module):
         downscale_mode: str = "nearest",
         pretrained: bool = True,
         weights_path: str | Path | None = None,
+        static_padding_size: int | None = None,
     ):
         super().__init__()
         self.backbone_name = backbone
+        self.static_padding_size = static_padding_size
         self.block_stage = block_stage
         self.n_scales = n_scales
         self.downscale_mode = downscale_mode
@@ -190,6 +260,8 @@ class MultiScaleEfficientNet(nn.Module):
             raise ConfigError(
                 f"CS-Flow setting block_stage={block_stage}: {backbone} has block stages 0..{len(model.blocks) - 1}"
             )
+        if static_padding_size is not None:
+            use_static_same_padding(model, backbone.partition(".")[0], block_stage, static_padding_size)
         # The backbone's own input convention first (TF EfficientNet-Lite: [-1, 1]); bn1 includes the activation.
         self.stem = nn.Sequential(input_convention(model), model.conv_stem, model.bn1)
         self.weight_source = getattr(model, "weight_source", None)
@@ -216,9 +288,10 @@ class MultiScaleEfficientNet(nn.Module):
 
     def cache_key(self) -> str:
         weights = weights_label(self.pretrained, self.weights_path, self)
+        padding = "dynamic" if self.static_padding_size is None else f"static{self.static_padding_size}"
         return (
             f"{self.backbone_name}|blocks=0-{self.block_stage}|scales={self.n_scales}"
-            f"|down={self.downscale_mode}|weights={weights}"
+            f"|down={self.downscale_mode}|pad={padding}|weights={weights}"
         )
 
 

@@ -15,11 +15,13 @@ default. The model is built as ``ModelClass(config, feature_channels)`` and impl
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from harness.config import check_value
 from harness.errors import ConfigError
 from harness.flows import FlowOutput
 
@@ -76,7 +78,11 @@ def create_method(name: str, **overrides: Any):
             f"unknown setting(s) {', '.join(map(repr, unknown))} for method {name!r}; "
             f"valid settings: {', '.join(valid)}"
         )
-    return config_class(**overrides)
+    # Types first, so "1e-3" (a string to YAML 1.1) becomes a number and "false" is refused.
+    hints = typing.get_type_hints(config_class)
+    checked = {key: check_value(key, value, hints.get(key, Any), f"{name} setting")
+               for key, value in overrides.items()}
+    return config_class(**checked)
 
 
 def build_model(config: Any, feature_channels: list[int]) -> nn.Module:

@@ -365,3 +365,37 @@ def test_maps_at_input_resolution(trained):
     assert scores.pixel_map.shape == (n, 128, 128)
     assert torch.equal(scores.image, scores.pixel_map.flatten(1).amax(dim=1))
     assert evaluate_scores(scores, *trainer._ground_truth())["image_auroc"] == summary["last"]["image_auroc"]
+
+
+# --- torch 1.8's zero_grad ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("torch18", [True, False])
+def test_torch18_zero_grad_keeps_moving_idle_decoders(torch18):
+    """Train decoder 0 for one step, then decoder 1: with torch 1.8's zero-filled gradients Adam
+    also moves decoder 0 on decoder 1's steps; with torch 2's dropped gradients it stays put."""
+    model = tiny_model(permute_soft=False, torch18_zero_grad=torch18)
+    optimizer = model.config.make_optimizer(model.parameters())
+    losses = model.training_losses(tiny_features(batch=4))  # layer 0: 9 fiber batches of 4 ... layer 1
+    first_decoder = list(model.decoders[0].parameters())
+    steps_on_layer_0 = (4 * 3 * 3) // 4
+    snapshot = None
+    for step, loss in enumerate(losses):
+        optimizer.zero_grad(set_to_none=True)  # as the loop asks
+        loss.backward()
+        optimizer.step()
+        if step == steps_on_layer_0 - 1:
+            snapshot = [p.detach().clone() for p in first_decoder]
+    moved = any(not torch.equal(p, q) for p, q in zip(first_decoder, snapshot))
+    assert moved is torch18
+
+
+def test_torch18_zero_grad_is_the_official_default():
+    assert CFlowConfig().torch18_zero_grad is True
+
+
+def test_short_run_reports_cflow_own_pro(trained):
+    _, summary = trained
+    last = summary["last"]
+    assert 0.0 <= last["aupro_cflow"] <= 1.5  # overlaps above 1 are possible on masks with holes
+    assert "aupro_cflow" not in summary["history"][-1]  # computed once, on the final model

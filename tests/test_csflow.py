@@ -17,7 +17,15 @@ from harness.profile import trainable_parameters
 from harness.scoring import score
 from harness.train import MAPS, load_maps
 from methods import build_model, create_method, list_methods
-from methods.csflow import CSFlow, CSFlowConfig, CrossScaleBlock, MultiScaleEfficientNet, stage_channels, stage_stride
+from methods.csflow import (
+    CSFlow,
+    CSFlowConfig,
+    CrossScaleBlock,
+    MultiScaleEfficientNet,
+    stage_channels,
+    stage_stride,
+    static_same_pads,
+)
 
 TINY = [4, 4, 4]
 TINY_SIZES = (4, 2, 1)
@@ -225,6 +233,37 @@ def test_image_score_is_the_mean_of_half_squared_latents_and_the_map_uses_the_fi
     assert scores.pixel_map.shape == (3, 32, 32)
     torch.testing.assert_close(scores.pixel_map, finest)
     torch.testing.assert_close(scores.pro_map, finest)
+
+
+# --- efficientnet_pytorch 0.7's padding, fixed for 456 px ----------------------------------------------
+
+
+def test_padding_fixed_for_456_px_differs_in_blocks_13_and_27_only():
+    fixed = static_same_pads("tf_efficientnet_b5", 5, 456)
+    # blocks 13 and 27 of efficientnet_pytorch's B5 = the first blocks of timm's stages 3 and 5
+    assert fixed["blocks.3.0.conv_dw"] == (1, 1, 1, 1) and fixed["blocks.5.0.conv_dw"] == (2, 2, 2, 2)
+    for size in (768, 384, 192):  # the three scales CS-Flow feeds it; timm pads for the actual size
+        actual = static_same_pads("tf_efficientnet_b5", 5, size)
+        assert actual.keys() == fixed.keys()
+        differing = {name for name in fixed if fixed[name] != actual[name]}
+        assert differing == {"blocks.3.0.conv_dw", "blocks.5.0.conv_dw"}
+        assert actual["blocks.3.0.conv_dw"] == (0, 1, 0, 1) and actual["blocks.5.0.conv_dw"] == (1, 2, 1, 2)
+
+
+def test_fixed_padding_moves_the_features_and_is_a_no_op_at_its_own_size():
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+
+    def features(padding_size):
+        torch.manual_seed(0)  # the same random weights each time
+        # up to stage 3, whose first block pads (1, 1) when fixed for 456 px and (0, 1) at 128
+        return MultiScaleEfficientNet("tf_efficientnet_b0", 3, 1, pretrained=False,
+                                      static_padding_size=padding_size)(images)[0]
+
+    timm_padding = features(None)
+    assert torch.equal(features(128), timm_padding)  # fixed for the actual size = timm's own padding
+    assert not torch.allclose(features(456), timm_padding)
+    assert "pad=static456" in MultiScaleEfficientNet("tf_efficientnet_b0", 2, 1, pretrained=False,
+                                                     static_padding_size=456).cache_key()
 
 
 # --- the shared loop -------------------------------------------------------------------------------

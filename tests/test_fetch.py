@@ -1,4 +1,4 @@
-"""harness/fetch.py: downloads over a loopback HTTP server, safe extraction, atomic installs and
+"""harness/fetch: downloads over a loopback HTTP server, safe extraction, atomic installs and
 the MTD / mSTC converters (MTD on the real files in ../shared/data/mtd when present)."""
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import pytest
 from PIL import Image
 
 from harness import fetch as F
+from harness.fetch import downloader as fetch_download
+from harness.fetch import install as fetch_install
+from harness.fetch import unpack as fetch_unpack
 from harness.errors import FetchError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +46,9 @@ class ServerState:
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent, first time only
     ignore_range: bool = False
+    content_type: dict[str, str] = field(default_factory=dict)  # path -> Content-Type
+    etags: dict[str, str] = field(default_factory=dict)  # path -> ETag (If-Range is honoured)
+    no_length: set[str] = field(default_factory=set)  # paths sent without Content-Length
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -60,6 +66,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range != state.etags.get(self.path):
+            wanted = None  # the file changed since the partial was saved: send it whole
         if wanted and not state.ignore_range:
             start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1))
             if start >= len(data):
@@ -73,7 +82,12 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if self.path not in state.no_length:
+            self.send_header("Content-Length", str(len(body)))
+        if self.path in state.content_type:
+            self.send_header("Content-Type", state.content_type[self.path])
+        if self.path in state.etags:
+            self.send_header("ETag", state.etags[self.path])
         self.end_headers()
         cut = state.drop_after.pop(self.path, None)
         self.wfile.write(body if cut is None else body[:cut])  # then the connection closes
@@ -104,7 +118,7 @@ def server():
 @pytest.fixture(autouse=True)
 def no_mirror_env(monkeypatch):
     monkeypatch.delenv(F.MIRROR_ENV, raising=False)
-    monkeypatch.setattr(F, "_RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(fetch_download, "_RETRY_PAUSE_S", 0.0)
 
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
@@ -353,7 +367,8 @@ def toy(tmp_path, server):
 def _leftovers(data_root: Path) -> list[str]:
     if not data_root.exists():
         return []
-    return sorted(p.name for p in data_root.iterdir() if p.name.startswith("."))
+    # The lock file stays by design: deleting a file another process may be locking breaks the lock.
+    return sorted(p.name for p in data_root.iterdir() if p.name.startswith(".") and p.suffix != ".lock")
 
 
 def _assert_toy_installed(root: Path) -> None:
@@ -370,7 +385,7 @@ def test_fetch_over_http_installs_and_then_returns_at_once(toy):
     assert root == toy.data / "toy"
     _assert_toy_installed(root)
     assert F.read_marker(root)["files"] == {"toy.tar.gz": toy.sha}
-    assert _leftovers(toy.data) == []  # no scratch folders, no lock, downloads deleted
+    assert _leftovers(toy.data) == []  # no scratch folders, downloads deleted
     n = len(toy.server.state.requests)
     assert toy.fetch() == root and len(toy.server.state.requests) == n
     assert "widget" in F.format_summary(F.read_marker(root))
@@ -382,7 +397,7 @@ def test_fetch_with_wrong_checksum_installs_nothing(toy):
         toy.fetch()
     assert "0" * 64 in str(err.value) and toy.sha in str(err.value)
     assert not (toy.data / "toy").exists()
-    assert [p for p in toy.data.rglob("*") if p.is_file()] == []
+    assert [p for p in toy.data.rglob("*") if p.is_file() and p.suffix != ".lock"] == []
 
 
 def test_fetch_unpinned_prints_the_sha256(toy, capsys):
@@ -416,13 +431,13 @@ def test_fetch_crash_in_conversion_leaves_nothing_that_looks_complete(toy, monke
         (Path(out_root) / "widget" / "train").mkdir(parents=True)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(F, "convert_mvtec", crash)
+    monkeypatch.setattr(fetch_install, "convert_mvtec", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         toy.fetch()
     assert not (toy.data / "toy").exists() and F.read_marker(toy.data / "toy") is None
     assert [p for p in _leftovers(toy.data) if p != ".downloads"] == []
     monkeypatch.undo()
-    monkeypatch.setattr(F, "_RETRY_PAUSE_S", 0.0)
+    monkeypatch.setattr(fetch_download, "_RETRY_PAUSE_S", 0.0)
     _assert_toy_installed(toy.fetch())  # the kept download is reused
 
 
@@ -434,7 +449,7 @@ def test_fetch_crash_during_reinstall_keeps_the_old_install(toy, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(F, "_check_counts", crash)  # after conversion, before the swap
+    monkeypatch.setattr(fetch_install, "check_counts", crash)  # after conversion, before the swap
     with pytest.raises(RuntimeError):
         toy.fetch(force=True)
     assert (root / F.MARKER).read_bytes() == old_marker
@@ -709,3 +724,137 @@ def test_mstc_frame_step_and_all_scenes(stc_raw, tmp_path):
     assert counts["masks"] == 1 and notes["dropped_classes"] == {}
     with pytest.raises(FetchError, match="protocol"):
         F.convert_mstc(raw, tmp_path / "x", protocol="per_video")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile and damaged input
+
+
+def test_a_damaged_install_is_an_error_that_says_how_to_repair(toy):
+    from harness.errors import DatasetError
+    from harness.manifest import check_installed
+
+    root = toy.fetch()
+    (root / "widget/test/crack/001.png").unlink()
+    (root / "widget/train/good/000.png").write_bytes(_png(99))  # same size, other bytes
+    with pytest.raises(FetchError, match=r"damaged \(2 problems\)[\s\S]*--force") as err:
+        toy.fetch()
+    assert "widget/test/crack/001.png: missing" in str(err.value)
+    assert "widget/train/good/000.png: contents changed" in str(err.value)
+    with pytest.raises(DatasetError, match="file list"):
+        check_installed(root, ["widget"])  # what training checks first
+    _assert_toy_installed(toy.fetch(force=True))
+
+
+def test_a_second_fetch_of_the_same_dataset_is_refused_while_one_runs(toy):
+    from filelock import FileLock
+
+    toy.data.mkdir(parents=True)
+    with FileLock(toy.data / ".toy.lock"):  # what a running fetch holds (an OS lock)
+        with pytest.raises(FetchError, match="another fetch of toy is running"):
+            toy.fetch()
+    _assert_toy_installed(toy.fetch())  # released: the lock of a finished holder is free
+
+
+def test_an_html_error_page_is_never_kept_as_the_archive(toy):
+    toy.write_card(None)  # no pinned checksum, as MTD and the MVTec class archives
+    toy.server.state.files["/upstream/toy.tar.gz"] = b"<html>quota exceeded</html>"
+    toy.server.state.content_type["/upstream/toy.tar.gz"] = "text/html; charset=utf-8"
+    with pytest.raises(FetchError, match="HTML page"):
+        toy.fetch()
+    toy.server.state.content_type.clear()  # the same page, sent as a binary
+    with pytest.raises(FetchError, match="not usable and was deleted"):
+        toy.fetch()
+    assert not (toy.data / ".downloads/toy/toy.tar.gz").exists()
+
+
+def test_an_unpinned_truncated_download_is_deleted_and_fetched_again(toy):
+    toy.write_card(None)
+    path = "/upstream/toy.tar.gz"
+    toy.server.state.no_length.add(path)  # a close without Content-Length looks complete
+    toy.server.state.drop_after[path] = len(toy.archive.read_bytes()) // 2
+    with pytest.raises(FetchError, match="truncated or corrupt"):
+        toy.fetch()
+    assert not (toy.data / ".downloads/toy/toy.tar.gz").exists()
+    _assert_toy_installed(toy.fetch())
+
+
+def test_an_unpinned_download_is_reused_only_while_it_matches_its_recorded_hash(toy):
+    toy.write_card(None)
+    toy.fetch(keep_downloads=True)
+    kept = toy.data / ".downloads/toy/toy.tar.gz"
+    assert (kept.parent / "toy.tar.gz.sha256").read_text().strip() == toy.sha
+    kept.write_bytes(kept.read_bytes()[:100])  # damaged later (a disk full, a partial copy)
+    requests = len(toy.server.state.requests)
+    _assert_toy_installed(toy.fetch(force=True, keep_downloads=True))
+    assert len(toy.server.state.requests) == requests + 1  # downloaded again, not trusted
+
+
+def test_a_partial_of_an_older_file_version_is_not_spliced_onto_the_new_one(server, tmp_path):
+    old, new = PAYLOAD, PAYLOAD[::-1]
+    server.state.files["/f.bin"] = old
+    server.state.etags["/f.bin"] = '"v1"'
+    server.state.drop_after["/f.bin"] = 50_000
+    dest = tmp_path / "f.bin"
+    with pytest.raises(FetchError, match="interrupted"):
+        F.download(f"{server.base}/f.bin", dest, progress=False, retries=0)
+    server.state.files["/f.bin"] = new  # changed upstream before the resume
+    server.state.etags["/f.bin"] = '"v2"'
+    F.download(f"{server.base}/f.bin", dest, progress=False, retries=0)
+    assert dest.read_bytes() == new
+    assert server.state.requests[-1] == ("/f.bin", "bytes=50000-")  # asked to resume, got it whole
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:xz"])
+def test_a_truncated_tar_is_a_clear_error(tmp_path, mode):
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, mode) as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"d/{i}.bin")
+            info.size = 60_000
+            tar.addfile(info, io.BytesIO(PAYLOAD[i * 60_000:(i + 1) * 60_000]))
+    whole = archive.read_bytes()
+    archive.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(FetchError, match="truncated or corrupt"):
+        F.safe_extract(archive, tmp_path / "out")
+    with pytest.raises(FetchError, match="truncated or corrupt"):
+        fetch_unpack.check_archive(archive)
+
+
+def test_archive_size_entry_and_ratio_limits(tmp_path, monkeypatch):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(5_000_000))  # 5 MB of zeros: about 5 kB packed
+    with pytest.raises(FetchError, match="decompression bomb"):
+        F.safe_extract(bomb, tmp_path / "out")
+    assert not (tmp_path / "out/zeros.bin").exists()
+    many = tmp_path / "many.tar"
+    with tarfile.open(many, "w") as tar:
+        for i in range(5):
+            info = tarfile.TarInfo(f"{i}.txt")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    monkeypatch.setattr(fetch_unpack, "MAX_ENTRIES", 4)
+    with pytest.raises(FetchError, match="5 entries, over the limit of 4"):
+        F.safe_extract(many, tmp_path / "out2")
+
+
+def test_a_link_that_leaves_the_install_once_moved_into_place_is_refused(toy):
+    # Inside the extraction folder when checked (toy_release/widget/... -> ../../../license.txt
+    # stays in the extraction root), but two levels above the data root once widget/ is moved.
+    with tarfile.open(toy.archive, "w:gz") as tar:
+        for name, data in TOY_TREE.items():
+            info = tarfile.TarInfo(f"toy_release/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("toy_release/widget/train/good/003.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../../../outside.png"
+        tar.addfile(link)
+        outside = tarfile.TarInfo("outside.png")
+        outside.size = len(_png(1))
+        tar.addfile(outside, io.BytesIO(_png(1)))
+    toy.write_card(None)
+    toy.server.state.files["/upstream/toy.tar.gz"] = toy.archive.read_bytes()
+    with pytest.raises(FetchError, match="outside the install"):
+        toy.fetch()
+    assert not (toy.data / "toy").exists()

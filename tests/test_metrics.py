@@ -364,3 +364,60 @@ def test_bad_options_and_nan():
     maps[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         pixel_auroc(masks, maps)
+
+
+# ----------------------------------------------------------------------------------------------
+# CFlow-AD's own PRO convention
+
+
+def ref_aupro_cflow(masks, maps, fpr_limit=0.3, n_thresholds=1000):
+    """CFlow-AD's evaluation as its code runs it: thresholds stepping down from the maximum,
+    overlap on each region's hole-filled bounding-box image, divided by the region's area."""
+    highest, lowest = maps.max(), maps.min()
+    delta = (highest - lowest) / n_thresholds
+    fprs, pros = [], []
+    for step in range(n_thresholds):
+        predicted = maps > highest - step * delta
+        overlaps = []
+        for mask, pred in zip(masks, predicted):
+            for region in regionprops(label(mask.astype(np.uint8), connectivity=2)):
+                top, left, bottom, right = region.bbox
+                hit = np.logical_and(pred[top:bottom, left:right], region.image_filled).sum()
+                overlaps.append(hit / region.area)
+        pros.append(np.mean(overlaps))
+        fprs.append(np.logical_and(~masks, predicted).sum() / (~masks).sum())
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs <= fpr_limit
+    kept = fprs[keep]
+    return auc((kept - kept.min()) / (kept.max() - kept.min()), pros[keep])
+
+
+def ring_case(seed: int):
+    """Masks with holes (rings), where the hole-filled overlap differs from the region's."""
+    masks, maps = random_case(seed)
+    masks[1] = False
+    masks[1, 3:10, 3:10] = True
+    masks[1, 5:8, 5:8] = False  # a 3x3 hole
+    maps[1, 5:8, 5:8] += 3.0  # the hole scores high, as a detector that fills it would
+    return masks, maps
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_aupro_cflow_matches_reference(seed):
+    masks, maps = ring_case(seed)
+    maps = maps.astype(np.float32)
+    for n_thresholds in (1000, 61):
+        expected = ref_aupro_cflow(masks, maps, 0.3, n_thresholds)
+        assert aupro(masks, maps, 0.3, "cflow", n_thresholds) == pytest.approx(expected, abs=TOL)
+
+
+def test_aupro_cflow_counts_holes_but_divides_by_the_region():
+    masks = np.zeros((2, 12, 12), dtype=bool)
+    masks[0, 2:9, 2:9] = True
+    masks[0, 4:7, 4:7] = False  # 49 - 9 = 40 region pixels around a 9-pixel hole
+    maps = np.zeros((2, 12, 12), dtype=np.float32)
+    maps[0, 2:9, 2:9] = 1.0  # region and hole detected, nothing else
+    fpr, pro = pro_curve(masks, maps, convention="cflow", n_thresholds=10)
+    assert pro.max() == pytest.approx(49 / 40)  # above 1: the hole counts, the divisor does not
+    _, pro_code = pro_curve(masks, maps, convention="code", n_thresholds=10)
+    assert pro_code.max() == pytest.approx(1.0)

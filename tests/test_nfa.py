@@ -182,3 +182,33 @@ def test_pixels_outside_meaningful_leaves_get_zero():
     sum_sq[2, 2] = 200.0
     out = log10_probability_map(sum_sq, channels=16)
     assert out[2, 2] < 0 and (np.delete(out.ravel(), 12) == 0).all()
+
+
+def _leaves(parent: list[int], log10_p: list[float]) -> list[int]:
+    n = len(parent)
+    tree = ComponentTree(parent=np.array(parent), level=np.zeros(n), size=np.ones(n, int),
+                         pixel_node=np.arange(n).reshape(1, n))
+    return np.flatnonzero(meaningful_leaves(tree, np.array(log10_p))).tolist()
+
+
+def test_prune_leaves_inner_chains_alone():
+    # root 0 -> 1 -> 2 -> {3, 4}: the chain (1, 2) ends in a node with two children, so it is not
+    # pruned; 2 is less significant than leaf 3, so nothing merges and the leaves stay. (Pruning
+    # every chain would keep 1, which then absorbs both leaves: one larger region.)
+    assert _leaves([-1, 0, 1, 2, 2], [0.0, -20.0, -5.0, -8.0, -8.0]) == [3, 4]
+
+
+def test_prune_keeps_the_bottom_most_node_on_ties():
+    # root 0 -> {1, 4}; 1 -> 2 -> 3 (a leaf chain, equally significant): 3 is kept, not 1.
+    assert _leaves([-1, 0, 1, 2, 0], [0.0, -4.0, -4.0, -4.0, -1.0]) == [3, 4]
+    # a strictly more significant upper node still wins
+    assert _leaves([-1, 0, 1, 2, 0], [0.0, -4.0, -5.0, -4.0, -1.0]) == [2, 4]
+
+
+def test_float16_ties_change_the_tree():
+    """Why the NFA is computed from float32 maps: rounding to float16 merges distinct levels."""
+    rng = np.random.default_rng(3)
+    sum_sq = 816 + rng.normal(0, 3, (28, 28))
+    exact = component_tree(sum_sq.astype(np.float32))
+    rounded = component_tree(sum_sq.astype(np.float16).astype(np.float32))
+    assert len(rounded.parent) < len(exact.parent)

@@ -101,6 +101,7 @@ def tiny_project(tmp_path_factory) -> Path:
     params["ablations"]["rescore"] = {"full_mean": params["ablations"]["rescore"]["full_mean"]}
     (out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     repro.reproduce(out, jobs=2, progress=False)  # the training runs side by side, as in the demo
+    demo.commit(out, "tiny pipeline")  # the baseline `dvc exp` compares with, as `flowad demo` does
     return out
 
 
@@ -118,6 +119,63 @@ def test_tiny_pipeline_runs_end_to_end(tiny_project):
     assert (tiny_project / "mlflow.db").exists()
 
 
+MAIN_RUN = "msflow embedded/washer official seed 0"
+
+
+@pytest.mark.slow
+def test_mlflow_runs_have_readable_names_tags_and_no_duplicated_metrics(tiny_project):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tiny_project / 'mlflow.db').as_posix()}")
+    runs = {e.name: client.search_runs([e.experiment_id]) for e in client.search_experiments()}
+    assert {name: len(found) for name, found in runs.items()} == {"demo/official": 1, "demo/ablations": 2}
+    names = {r.info.run_name: r for found in runs.values() for r in found}
+    assert set(names) == {MAIN_RUN, "msflow embedded/washer fusion_off seed 0",
+                          "msflow embedded/washer rescored:full_mean seed 0"}
+    main = names[MAIN_RUN]
+    tags = main.data.tags
+    assert {k: tags[k] for k in ("method", "dataset", "class", "protocol", "variant", "seed", "weights", "demo")} == {
+        "method": "msflow", "dataset": "embedded", "class": "washer", "protocol": "official", "variant": "default",
+        "seed": "0", "weights": "random", "demo": "true"}
+    assert tags["code_revision"] and "random" in tags["mlflow.note.content"]
+    metrics = main.data.metrics
+    assert not [k for k in metrics if k.startswith("final_")]
+    assert {"image_auroc", "miou_fair", "best_image_auroc", "best_image_auroc_epoch"} <= set(metrics)
+    rescored = names["msflow embedded/washer rescored:full_mean seed 0"].data
+    assert rescored.tags["variant"] == "full_mean" and rescored.tags["part"] == "rescored"
+    assert set(rescored.metrics) >= {"image_auroc", "aupro"}
+    # artifacts in the project's own folder, named relative to it
+    artifacts = tiny_project / "mlartifacts" / "demo_official" / main.info.run_id / "artifacts"
+    assert main.info.artifact_uri.startswith("mlflow-artifacts:/demo_official/")
+    assert (artifacts / "figures" / "anomaly_maps.pdf").exists() and (artifacts / "run_record.json").exists()
+
+
+@pytest.mark.slow
+def test_dvc_shows_the_metrics_plots_and_experiments(tiny_project):
+    metrics = json.loads(dvc("metrics", "show", "--json", cwd=tiny_project))
+    files = metrics["workspace"]["data"]
+    main = files["metrics/official-embedded-msflow-washer-seed-0.json"]["data"]
+    run = json.loads((tiny_project / "runs/main/official/embedded/msflow/washer/seed-0/metrics.json").read_text())
+    assert main["last"]["image_auroc"] == pytest.approx(run["last"]["image_auroc"])
+    assert main["best_epoch"]["image_auroc"] == run["best"]["image_auroc"]["epoch"]
+    assert "metrics/rescored_full_mean-embedded-msflow-washer-seed-0.json" in files
+    plots = json.loads(dvc("plots", "show", "--json", cwd=tiny_project))["data"]
+    assert {"plots/roc/official-embedded-msflow-washer-seed-0.csv", "plots/pro/fusion_off-embedded-msflow-washer-seed-0.csv",
+            "figures/png/official-embedded-washer-seed-0.png"} <= set(plots)
+    assert plots["figures/png/official-embedded-washer-seed-0.png"][0]["type"] == "image"
+    assert (tiny_project / "figures/pdf/official-embedded-washer-seed-0.pdf").exists()
+    # an experiment with one setting changed (the tables only), listed with its metrics
+    dvc("exp", "run", "--set-param", "ablations.groups.fusion.title=Fusion", cwd=tiny_project)
+    shown = dvc("exp", "show", "--csv", "--drop", ".*", "--keep",
+                r"Experiment|.*official.*:last\.image_auroc$|ablations\.groups\.fusion\.title", cwd=tiny_project)
+    header, *rows = [line.split(",") for line in shown.strip().splitlines()]
+    assert header == ["Experiment", "metrics/official-embedded-msflow-washer-seed-0.json:last.image_auroc",
+                      "ablations.groups.fusion.title"]
+    assert len(rows) == 3 and {row[-1] for row in rows} == {"Fusion", "Fusion flow"}
+    assert all(float(row[1]) == pytest.approx(run["last"]["image_auroc"], abs=1e-5) for row in rows)
+    assert "figures" in dvc("dag", "--md", cwd=tiny_project)
+
+
 @pytest.mark.slow
 def test_second_repro_does_nothing_and_a_change_reruns_only_its_stage(tiny_project):
     assert "up to date" in dvc("status", cwd=tiny_project)
@@ -127,5 +185,5 @@ def test_second_repro_does_nothing_and_a_change_reruns_only_its_stage(tiny_proje
     params["ablations"]["train"]["fusion_off"]["set"]["clamp"] = 1.5
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(dvc("status", "--json", cwd=tiny_project)))
-    # the tables read every setting of the ablations, so they are rebuilt as well
-    assert changed == {"ablation@fusion_off-washer-0", "tables"}
+    # the tables, figures and metrics read every setting of the ablations, so they are rebuilt as well
+    assert changed == {"ablation@fusion_off-washer-0", "tables", "figures", "metrics"}

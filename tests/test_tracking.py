@@ -1,4 +1,4 @@
-"""Tracking: runs land in an MLflow store and read back; run records; figures.
+"""Tracking: runs land in an MLflow store and read back; run records; names, tags, descriptions.
 
 One SQLite store serves the whole module: creating it runs MLflow's schema migrations (seconds).
 """
@@ -22,14 +22,10 @@ from harness.tracking import (
     code_revision,
     default_tracking_uri,
     flatten_params,
-    image_grid_png,
-    pro_curve_png,
-    roc_curve_png,
     run_record,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +100,12 @@ def test_run_logs_params_metrics_artifacts_and_record(store, client, record, tmp
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "msflow/bottle"
-    # Artifacts live beside the database, not in ./mlruns of the working directory.
-    assert run.info.artifact_uri.startswith(Path(store[len("sqlite:///"):]).parent.as_uri())
+    # Artifacts live beside the database, not in ./mlruns of the working directory, and the store
+    # names them relative to its folder (a copied or moved folder keeps its artifacts).
+    db_folder = Path(store[len("sqlite:///"):]).parent
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/tests/")
+    artifacts = tracking.local_artifact_folder(run.info.artifact_uri, db_folder / "mlflow.db")
+    assert db_folder / "mlartifacts" in artifacts.parents
 
     params = run.data.params
     assert params["flow.blocks"] == "8"
@@ -123,10 +123,8 @@ def test_run_logs_params_metrics_artifacts_and_record(store, client, record, tmp
     assert tags["device"] == "cpu"
     assert tags["code_revision"] == record["code"]["revision"]
 
-    assert [a.path for a in client.list_artifacts(run_id, "figures")] == ["figures/notes.txt"]
-    assert tracking.RECORD_FILE in [a.path for a in client.list_artifacts(run_id)]
-    record_file = Path(client.download_artifacts(run_id, tracking.RECORD_FILE, str(tmp_path)))
-    stored = json.loads(record_file.read_text())
+    assert (artifacts / "figures" / "notes.txt").read_text() == "hello"
+    stored = json.loads((artifacts / tracking.RECORD_FILE).read_text())
     assert stored["seed"] == 3 and stored["config"]["image_size"] == [256, 256]
 
 
@@ -248,59 +246,36 @@ def test_code_revision_tracks_commit_and_dirty_tree(tmp_path: Path, monkeypatch:
     assert dirty["untracked"] == ["new.py"]
 
 
-# --------------------------------------------------------------------------- figures
+# --------------------------------------------------------------------------- names, tags, description
 
 
-def _assert_png(path: Path, min_size: tuple[int, int], max_size: tuple[int, int]) -> None:
-    from PIL import Image
+def test_weights_tag_follows_the_run_record() -> None:
+    def record(**config):
+        return {"config": {"method_config": {"backbone": "resnet18.tv_in1k"}, **config}}
 
-    assert path.read_bytes()[:8] == PNG_MAGIC
-    with Image.open(path) as image:
-        image.verify()
-    with Image.open(path) as image:
-        width, height = image.size
-    assert min_size[0] <= width <= max_size[0] and min_size[1] <= height <= max_size[1], image.size
-    assert path.stat().st_size < 2_000_000
-
-
-def test_image_grid_from_normalised_tensors(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(3, 3, 64, 80, generator=generator)
-    masks = torch.zeros(3, 1, 64, 80)
-    masks[1, :, 20:40, 30:50] = 1
-    maps = torch.rand(3, 16, 20, generator=generator)  # flow resolution, upsampled in the plot
-    path = image_grid_png(images, masks, maps, tmp_path / "grid.png", titles=["good", "crack", "hole"])
-    assert path == tmp_path / "grid.png"
-    _assert_png(path, (300, 300), (1000, 700))
+    assert tracking.weights_of(record(settings={"pretrained": False})) == "random"
+    assert tracking.weights_of(record(settings={"pretrained": True})) == "pretrained:resnet18.tv_in1k"
+    local = {"config": {"settings": {}, "method_config": {"backbone": "x", "weights_path": "/w/r18.pth"}}}
+    assert tracking.weights_of(local) == "file:r18.pth"
+    # a record that names its weights sources is taken at its word
+    named = {**record(settings={}), "weights": {"resnet18.tv_in1k": "/weights/r18.safetensors"}}
+    assert tracking.weights_of(named) == "resnet18.tv_in1k=/weights/r18.safetensors"
 
 
-def test_image_grid_from_uint8_arrays_caps_columns(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8) for _ in range(10)]
-    maps = rng.random((10, 12, 12))
-    few = _width(image_grid_png(images[:2], None, maps[:2], tmp_path / "two.png"))
-    many = image_grid_png(images, None, maps, tmp_path / "many.png", max_items=8)
-    _assert_png(many, (900, 300), (1800, 700))
-    assert _width(many) > few
-
-
-def _width(path: Path) -> int:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.size[0]
-
-
-def test_roc_and_pro_curves(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    labels = np.r_[np.zeros(20), np.ones(20)]
-    scores = labels + rng.normal(0, 0.7, 40)
-    _assert_png(roc_curve_png(labels, scores, tmp_path / "roc.png", title="bottle"), (250, 250), (600, 600))
-
-    fpr = np.linspace(0, 1, 200)
-    pro = np.sqrt(fpr)
-    _assert_png(pro_curve_png(fpr, pro, tmp_path / "pro.png"), (250, 250), (600, 600))
-
-    with pytest.raises(ValueError, match="both"):
-        roc_curve_png(np.zeros(5), np.zeros(5), tmp_path / "bad.png")
+def test_names_are_unique_and_the_record_gives_tags_and_a_description(store, client, record) -> None:
+    name = tracking.run_name("msflow", "mvtec_ad", "bottle", "pool_max", 0)
+    assert name == "msflow mvtec_ad/bottle pool_max seed 0"
+    labels = {"protocol": "official", "variant": "pool_max", "demo": "false"}
+    ids = []
+    for _ in range(2):
+        with Tracker(store, experiment="names", run_name=name, tags=labels) as tracker:
+            tracker.log_record({**record, "config": {**record["config"], "dataset": "mvtec_ad", "class": "bottle",
+                                                     "settings": {"pretrained": False}}})
+            ids.append(tracker.run_id)
+    first, second = (client.get_run(i) for i in ids)
+    assert first.info.run_name == name and second.info.run_name == f"{name} (2)"
+    tags = first.data.tags
+    assert tags["method"] == "msflow" and tags["dataset"] == "mvtec_ad" and tags["class"] == "bottle"
+    assert tags["variant"] == "pool_max" and tags["protocol"] == "official" and tags["weights"] == "random"
+    description = tags[tracking.DESCRIPTION_TAG]
+    assert "random" in description and "not a reproduction" in description and "pool_max" in description

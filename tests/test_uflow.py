@@ -12,6 +12,7 @@ import torch
 from harness.errors import ConfigError, HarnessError
 from harness.profile import trainable_parameters
 from harness.scoring import score
+from harness.train import EVAL_METRICS, rescore_maps
 from methods import build_model, create_method, list_methods
 from methods.uflow import TUNED_SETTINGS, MultiScaleCaiT, UFlow, UFlowConfig
 
@@ -156,7 +157,10 @@ def test_defaults_follow_the_specification():
     assert config.feature_sizes() == [(28, 28), (14, 14)]
     assert (config.blocks_per_stage, config.clamp, config.permute_soft, config.hidden_ratio) == (4, 2.0, False, 1.0)
     assert (config.lr, config.batch_size, config.epochs, config.weight_decay) == (1e-4, 8, 200, 1e-5)
-    assert not config.augment and not config.loss_batch_sum_bug and not config.official_lower_tail
+    assert not config.augment and not config.loss_batch_sum_bug
+    assert config.official_lower_tail  # the reference's NFA (the unified protocol turns it off)
+    assert config.metric_size == (256, 256) and config.nfa_size == (256, 256)
+    assert (config.image_resize, config.mask_resize) == ("bilinear_antialias", "bilinear")
     assert config.nfa_size == (256, 256) and config.input_size_for("bottle") == (448, 448)
     assert len(TUNED_SETTINGS) == 15
     spec = config.scoring()
@@ -257,8 +261,12 @@ def test_extra_metrics_segment_a_planted_region():
     coarse = rng.normal(size=(4, 192, 14, 14))
     logp = [torch.from_numpy(-0.5 * (z**2).mean(axis=1)).half() for z in (fine, coarse)]
     metrics = config.extra_metrics(logp, [816, 192], masks, (112, 112))
-    assert set(metrics) == {"miou_nfa", "nfa_detected_fraction", "nfa_flagged_good_images"}
-    assert metrics["miou_nfa"] > 0.85  # two good images without detections (1 each), two blocks found
+    assert set(metrics) == {"miou_nfa_fair", "miou_nfa_oracle", "nfa_oracle_threshold", "nfa_detected_fraction",
+                            "nfa_flagged_good_images"}
+    assert metrics["miou_nfa_fair"] > 0.85  # two good images without detections (1 each), two blocks found
+    # the oracle is the best over thresholds that include the fair one (0)
+    assert metrics["miou_nfa_oracle"] >= metrics["miou_nfa_fair"]
+    assert -400 <= metrics["nfa_oracle_threshold"] <= 1000
     assert metrics["nfa_flagged_good_images"] == 0.0
     assert 0 < metrics["nfa_detected_fraction"] < 0.05
 
@@ -271,9 +279,27 @@ SMALL = {"backbone": "resnet18", "input_size": (64, 64), "blocks_per_stage": 2, 
 
 
 @pytest.fixture(scope="module")
-def short_run(train_small):
+def short_trained(train_small):
+    """(trainer, summary) of 4 epochs on weave."""
+    return train_small("uflow", "weave", SMALL, epochs=4, eval_every=4)
+
+
+@pytest.fixture(scope="module")
+def short_run(short_trained):
     """The summary of 4 epochs on weave."""
-    return train_small("uflow", "weave", SMALL, epochs=4, eval_every=4)[1]
+    return short_trained[1]
+
+
+def test_metrics_at_256_and_rescoring_gives_the_same_figures(short_trained):
+    trainer, summary = short_trained
+    assert trainer.metric_size == (256, 256) and trainer.image_size == (64, 64)
+    result = trainer.evaluate()
+    assert result.scores.pixel_map.shape[-2:] == (256, 256) and result.masks.shape[-2:] == (256, 256)
+    assert all(m.dtype == torch.float32 for m in result.log_likelihoods_float32)
+    assert all(torch.equal(a, b.half()) for a, b in zip(result.log_likelihoods, result.log_likelihoods_float32))
+    rescored = rescore_maps(trainer.spec)
+    assert {k: rescored[k] for k in EVAL_METRICS if k in rescored} == {
+        k: summary["last"][k] for k in EVAL_METRICS if k in rescored}
 
 
 def test_short_run_lowers_the_loss_and_scores_above_chance(short_run):
@@ -286,6 +312,6 @@ def test_short_run_lowers_the_loss_and_scores_above_chance(short_run):
 
 def test_short_run_reports_the_nfa_segmentation(short_run):
     last = short_run["last"]
-    assert 0.0 <= last["miou_nfa"] <= 1.0
+    assert 0.0 <= last["miou_nfa_fair"] <= last["miou_nfa_oracle"] <= 1.0
     assert 0.0 <= last["nfa_detected_fraction"] <= 1.0
     assert {"miou_fair", "miou_oracle"} <= set(last)
