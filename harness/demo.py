@@ -149,11 +149,24 @@ def init_project(out: Path, methods: list[str] | None = None) -> Path:
         link.unlink()
     if not link.exists() or link.read_bytes() != (PROJECT / "dvc.yaml").read_bytes():
         shutil.copyfile(PROJECT / "dvc.yaml", link)
-    if not (out / "params.yaml").exists():
+    if (out / "params.yaml").exists():
+        _add_missing_settings(out / "params.yaml")
+    else:
         registered = list_methods()
         ordered = [m for m in PAPER_ORDER if m in registered] + [m for m in registered if m not in PAPER_ORDER]
         _write_params(out / "params.yaml", demo_params(out, methods or ordered))
     return out
+
+
+def _add_missing_settings(path: Path) -> None:
+    """A params.yaml of an earlier demo lacks settings that stages now read: add them with the
+    values that version ran with (runtime.weights: none, i.e. its own runtime.pretrained)."""
+    with path.open() as f:
+        params = yaml.safe_load(f) or {}
+    runtime = params.setdefault("runtime", {})
+    if "weights" not in runtime:
+        runtime["weights"] = {}
+        _write_params(path, params)
 
 
 def _git(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
