@@ -138,10 +138,18 @@ def init_project(out: Path, methods: list[str] | None = None) -> Path:
         link.unlink()
     if not link.exists() or link.read_bytes() != (PROJECT / "dvc.yaml").read_bytes():
         shutil.copyfile(PROJECT / "dvc.yaml", link)
+    registered = list_methods()
+    ordered = [m for m in PAPER_ORDER if m in registered] + [m for m in registered if m not in PAPER_ORDER]
+    fresh = demo_params(out, methods or ordered)
     if not (out / "params.yaml").exists():
-        registered = list_methods()
-        ordered = [m for m in PAPER_ORDER if m in registered] + [m for m in registered if m not in PAPER_ORDER]
-        _write_params(out / "params.yaml", demo_params(out, methods or ordered))
+        _write_params(out / "params.yaml", fresh)
+    else:
+        # a demo written by an earlier version may lack paths the stages now name
+        params = yaml.safe_load((out / "params.yaml").read_text()) or {}
+        missing = {k: v for k, v in fresh["paths"].items() if k not in params.get("paths", {})}
+        if missing:
+            params.setdefault("paths", {}).update(missing)
+            _write_params(out / "params.yaml", params)
     return out
 
 
