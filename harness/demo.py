@@ -149,23 +149,28 @@ def init_project(out: Path, methods: list[str] | None = None) -> Path:
         link.unlink()
     if not link.exists() or link.read_bytes() != (PROJECT / "dvc.yaml").read_bytes():
         shutil.copyfile(PROJECT / "dvc.yaml", link)
+    registered = list_methods()
+    ordered = [m for m in PAPER_ORDER if m in registered] + [m for m in registered if m not in PAPER_ORDER]
+    fresh = demo_params(out, methods or ordered)
     if (out / "params.yaml").exists():
-        _add_missing_settings(out / "params.yaml")
+        _add_missing_settings(out / "params.yaml", fresh)
     else:
-        registered = list_methods()
-        ordered = [m for m in PAPER_ORDER if m in registered] + [m for m in registered if m not in PAPER_ORDER]
-        _write_params(out / "params.yaml", demo_params(out, methods or ordered))
+        _write_params(out / "params.yaml", fresh)
     return out
 
 
-def _add_missing_settings(path: Path) -> None:
-    """A params.yaml of an earlier demo lacks settings that stages now read: add them with the
-    values that version ran with (runtime.weights: none, i.e. its own runtime.pretrained)."""
+def _add_missing_settings(path: Path, fresh: dict) -> None:
+    """A params.yaml of an earlier demo lacks settings that stages now read: add the paths this
+    version names, and runtime.weights with the value that version ran with (none, i.e. its own
+    runtime.pretrained)."""
     with path.open() as f:
         params = yaml.safe_load(f) or {}
+    paths = params.setdefault("paths", {})
+    missing = {k: v for k, v in fresh["paths"].items() if k not in paths}
     runtime = params.setdefault("runtime", {})
-    if "weights" not in runtime:
-        runtime["weights"] = {}
+    if missing or "weights" not in runtime:
+        paths.update(missing)
+        runtime.setdefault("weights", {})
         _write_params(path, params)
 
 

@@ -396,7 +396,9 @@ class Tracker:
                     folder = re.sub(r"[^\w\-.]", "_", self.experiment)
                     location = f"{PROXY_SCHEME}/{folder}"
                 try:
-                    return self._client.create_experiment(self.experiment, artifact_location=location)
+                    # MLflow 3's UI opens an experiment of this kind on its run table
+                    kind = {"mlflow.experimentKind": "custom_model_development"}
+                    return self._client.create_experiment(self.experiment, artifact_location=location, tags=kind)
                 except Exception:
                     # Another process may have created it in the meantime.
                     experiment = self._client.get_experiment_by_name(self.experiment)

@@ -592,8 +592,7 @@ class Trainer:
             "identity": self.run_identity(),
         }
         if self.tracker is not None:
-            self.tracker.log_artifact(self.out / RECORD)
-            for path in artifacts:
+            for path in artifacts:  # the record is stored already (Tracker.log_record: run_record.json)
                 self.tracker.log_artifact(path, artifact_path="figures")
         atomic_write_json(self.out / METRICS, summary)  # last: its presence marks a complete run
         if self.tracker is not None:

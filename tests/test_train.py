@@ -97,7 +97,10 @@ def test_mlflow_has_params_per_epoch_metrics_and_artifacts(tracked_run):
     assert not [k for k in run.data.metrics if k.startswith("final_")]
     assert [m.step for m in client.get_metric_history(run_id, "miou_fair")] == [4]
     assert run.data.metrics["best_image_auroc_epoch"] in (2, 4)
-    assert run.info.run_name == f"msflow {run_spec.dataset}/{CLASS} default seed 0"
+    # a run outside the grid is named by its overrides
+    name = run.info.run_name
+    assert name.startswith(f"msflow {run_spec.dataset}/{CLASS} ") and name.endswith(" seed 0")
+    assert "parallel_blocks=[1,1,2]" in name and run.data.tags["variant"] in name
     from harness.tracking import local_artifact_folder
 
     folder = local_artifact_folder(run.info.artifact_uri, Path(uri[len("sqlite:///"):]))
