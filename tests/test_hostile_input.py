@@ -17,7 +17,7 @@ import yaml
 
 from harness import checkpoint as ckpt
 from harness.config import RunSettings, RunSpec, check_value
-from harness.data import dataset_hash, validate_class
+from harness.data import check_both_labels, dataset_hash, validate_class
 from harness.errors import ConfigError, DatasetError, HarnessError, TrainingError
 from harness.train import CHECKPOINT, METRICS, RECORD, Trainer, atomic_write_json, evaluate_run
 from methods.registry import create_method
@@ -289,8 +289,14 @@ def test_a_test_set_with_one_label_fails_validation_before_training(one_class):
         if defect.name != "good":
             shutil.rmtree(defect)
     shutil.rmtree(one_class / CLASS / "ground_truth")
+    validate_class(one_class, CLASS)  # readable: the reader may serve such a set
     with pytest.raises(DatasetError, match="one kind of image only"):
-        validate_class(one_class, CLASS)
+        check_both_labels(one_class, CLASS)
+    with pytest.raises(DatasetError, match="one kind of image only"):
+        Trainer(spec(one_class, one_class.parent / "run"), settings())._setup()
+    from harness import cli
+
+    assert cli.main(["validate", str(one_class)]) == 2
 
 
 def test_training_on_a_damaged_install_is_refused(embedded_root, tmp_path):
