@@ -377,3 +377,21 @@ def test_display_flags_are_not_tracking_parameters(embedded_root, tmp_path):
     assert "progress" not in json.dumps(quiet.tracking_params())
     amp = Trainer(spec(embedded_root, tmp_path / "run"), settings(precision="amp"))
     assert amp.tracking_params() != quiet.tracking_params()
+
+
+def test_two_demos_started_at_once_take_turns(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from harness import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "reproduce", lambda out, **kw: calls.append(out))
+    monkeypatch.setattr(demo, "init_project", lambda out: calls.append("init"))
+    out = tmp_path / "demo"
+    with FileLock(tmp_path / ".demo.lock"):  # the first demo, still running
+        thread = threading.Thread(target=demo.run_demo, args=(out,), kwargs={"progress": False}, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        assert calls == []  # the second waits instead of failing in `dvc init`
+    thread.join(30)
+    assert calls == ["init", out]
