@@ -203,10 +203,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from harness.data import index_split, require_classes, validate_class
+    from harness.data import check_both_labels, index_split, require_classes, validate_class
 
     for name in args.classes or require_classes(args.root):
         validate_class(args.root, name)
+        check_both_labels(args.root, name)  # a class that cannot be scored is not ok for training
         n_train, n_test = (len(index_split(args.root, name, s)) for s in ("train", "test"))
         print(f"{name}: ok ({n_train} train, {n_test} test images)")
 

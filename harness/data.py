@@ -335,14 +335,6 @@ def _structure_problems(root: Path, class_dir: Path) -> list[str]:
                 f"{_relative(image, root)} is not in a sub-folder and is not read: move it into "
                 f"{name}/test/good/ or {name}/test/<defect>/."
             )
-        with_images = [f.name for f in _subfolders(test_dir) if _image_files(f)]
-        if with_images and (GOOD not in with_images or with_images == [GOOD]):
-            missing = "defect-free images in test/good/" if GOOD not in with_images else \
-                "defective images in test/<defect>/"
-            problems.append(
-                f"{name}/test/ holds one kind of image only: image AUROC needs both, so add "
-                f"{missing}."
-            )
     return problems
 
 
@@ -425,6 +417,18 @@ def validate_class(
     if problems:
         raise DatasetError(_problem_report(class_dir, problems))
     _VALIDATED[key] = (fingerprint, depth)
+
+
+def check_both_labels(root: str | os.PathLike, class_name: str) -> None:
+    """DatasetError unless the test split holds defect-free and defective images: image AUROC,
+    what every run reports, is undefined with one label (checked before training, not after)."""
+    labels = {record.label for record in index_split(root, class_name, "test")}
+    if labels and labels != {0, 1}:
+        missing = "defective images in test/<defect>/" if labels == {0} else "defect-free images in test/good/"
+        raise DatasetError(
+            f"{Path(root) / class_name}/test/ holds one kind of image only: image AUROC needs both, so "
+            f"add {missing}."
+        )
 
 
 def _problem_report(class_dir: Path, problems: Sequence[str]) -> str:

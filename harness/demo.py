@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 
 from harness.errors import HarnessError
 from harness.repro import dvc_environment, reproduce
@@ -217,9 +218,13 @@ def run_demo(out: Path = Path("demo"), progress: bool = True, jobs: int | None =
         raise HarnessError(f"{PROJECT / 'dvc.yaml'} not found: run the demo from a checkout of the project")
     out = Path(out)
     start = time.perf_counter()
-    init_project(out)
-    reproduce(out, jobs=jobs or default_jobs(), progress=progress)
-    commit(out, "Demo pipeline reproduced")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Two demos started at once in one folder take turns (dvc init and DVC's own lock would
+    # otherwise fail the second one); the second then finds the pipeline up to date.
+    with FileLock(out.parent / f".{out.name}.lock"):
+        init_project(out)
+        reproduce(out, jobs=jobs or default_jobs(), progress=progress)
+        commit(out, "Demo pipeline reproduced")
     tables = out / "results"
     print(f"\n{NOTICE}\n\nDemo pipeline finished in {time.perf_counter() - start:.0f} s. Tables: "
           f"{tables / 'README.md'}; runs: {out / 'runs'}; settings: {out / 'params.yaml'}.\n"

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from harness import checkpoint as ckpt
 from harness import metrics as M
 from harness.config import DISPLAY_SETTINGS, RunSettings, RunSpec, to_dict
-from harness.data import AnomalyDataset, dataset_hash, resize_masks
+from harness.data import AnomalyDataset, check_both_labels, dataset_hash, resize_masks
 from harness.errors import ConfigError, HarnessError, TrainingError
 from harness.manifest import check_installed
 from harness.precision import prepare_model, to_channels_last
@@ -260,6 +260,7 @@ class Trainer:
         self.train_set = AnomalyDataset(root, cls, "train", self.image_size, preprocessing=self.preprocessing)
         self.test_set = AnomalyDataset(root, cls, "test", self.image_size, validate=False,
                                        preprocessing=self.preprocessing)
+        check_both_labels(root, cls)
         if self.drop_last and len(self.train_set) < self.config.batch_size:
             raise ConfigError(
                 f"{self.spec.method} drops a partial last batch (drop_last=true, as its reference does), and "

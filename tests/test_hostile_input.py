@@ -17,7 +17,7 @@ import yaml
 
 from harness import checkpoint as ckpt
 from harness.config import RunSettings, RunSpec, check_value
-from harness.data import dataset_hash, validate_class
+from harness.data import check_both_labels, dataset_hash, validate_class
 from harness.errors import ConfigError, DatasetError, HarnessError, TrainingError
 from harness.train import CHECKPOINT, METRICS, RECORD, Trainer, atomic_write_json, evaluate_run
 from methods.registry import create_method
@@ -289,8 +289,14 @@ def test_a_test_set_with_one_label_fails_validation_before_training(one_class):
         if defect.name != "good":
             shutil.rmtree(defect)
     shutil.rmtree(one_class / CLASS / "ground_truth")
+    validate_class(one_class, CLASS)  # readable: the reader may serve such a set
     with pytest.raises(DatasetError, match="one kind of image only"):
-        validate_class(one_class, CLASS)
+        check_both_labels(one_class, CLASS)
+    with pytest.raises(DatasetError, match="one kind of image only"):
+        Trainer(spec(one_class, one_class.parent / "run"), settings())._setup()
+    from harness import cli
+
+    assert cli.main(["validate", str(one_class)]) == 2
 
 
 def test_training_on_a_damaged_install_is_refused(embedded_root, tmp_path):
@@ -371,3 +377,21 @@ def test_display_flags_are_not_tracking_parameters(embedded_root, tmp_path):
     assert "progress" not in json.dumps(quiet.tracking_params())
     amp = Trainer(spec(embedded_root, tmp_path / "run"), settings(precision="amp"))
     assert amp.tracking_params() != quiet.tracking_params()
+
+
+def test_two_demos_started_at_once_take_turns(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from harness import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "reproduce", lambda out, **kw: calls.append(out))
+    monkeypatch.setattr(demo, "init_project", lambda out: calls.append("init"))
+    out = tmp_path / "demo"
+    with FileLock(tmp_path / ".demo.lock"):  # the first demo, still running
+        thread = threading.Thread(target=demo.run_demo, args=(out,), kwargs={"progress": False}, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        assert calls == []  # the second waits instead of failing in `dvc init`
+    thread.join(30)
+    assert calls == ["init", out]
