@@ -382,4 +382,4 @@ def test_tables_name_the_weights_their_runs_recorded():
     runs = [RunResult(None, weight_labels=[lite0], finished=True),
             RunResult(None, weights=RANDOM_WEIGHTS, weight_labels=["resnet18.tv_in1k: random"], finished=True),
             RunResult(None, weight_labels=["never: finished"])]
-    assert weights_in_use(runs) == f"{lite0} (1 runs); resnet18.tv_in1k: random (1 runs)"
+    assert weights_in_use(runs) == f"resnet18.tv_in1k: random (1 runs); {lite0} (1 runs)"
