@@ -741,7 +741,20 @@ def rescore_many(spec: RunSpec, scorings: Sequence[Any]) -> list[dict[str, float
                             stored.labels, masks) for scoring in scorings]
 
 
-def _check_recorded_config(spec: RunSpec) -> None:
+def _with_run_seed(spec: RunSpec, settings: RunSettings) -> RunSettings:
+    """Settings whose seed is the run's own (from its record) unless one is given: a seed only
+    shapes training, so evaluating a run needs no --seed."""
+    path = spec.out_dir / RECORD
+    if settings.seed is not None or not path.exists():
+        return settings
+    try:
+        seed = json.loads(path.read_text())["seed"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise HarnessError(f"{path} is not a run record ({err}); the run folder is damaged") from None
+    return dataclasses.replace(settings, seed=seed)
+
+
+def _check_recorded_config(spec: RunSpec, settings: RunSettings) -> None:
     """Stored maps come from the run's own model: only scoring settings may differ from its record."""
     from harness.scoring import ScoringSpec
 
@@ -752,7 +765,7 @@ def _check_recorded_config(spec: RunSpec) -> None:
         recorded = json.loads(path.read_text())["config"]["method_config"]
     except (ValueError, KeyError, TypeError) as err:
         raise HarnessError(f"{path} is not a run record ({err}); the run folder is damaged") from None
-    current = to_dict(Trainer(spec, RunSettings(tracking=False, progress=False)).config)
+    current = to_dict(Trainer(spec, dataclasses.replace(settings, tracking=False, progress=False)).config)
     scoring = {f.name for f in dataclasses.fields(ScoringSpec)}
     changed = [d for d in _differences(recorded, current) if d.split(" ")[0].split(".")[0] not in scoring]
     if changed:
@@ -765,13 +778,14 @@ def _check_recorded_config(spec: RunSpec) -> None:
 
 def evaluate_run(spec: RunSpec, settings: RunSettings | None = None, from_maps: bool = False) -> dict[str, float]:
     """Evaluate a run's checkpoint on its test set (or re-score its stored maps); writes nothing."""
+    settings = _with_run_seed(spec, settings or RunSettings(tracking=False))
     if from_maps:
-        _check_recorded_config(spec)
+        _check_recorded_config(spec, settings)
         return rescore_maps(spec)
     path = spec.out_dir / CHECKPOINT
     if not path.exists():
         raise HarnessError(f"{path} not found; train first or point --out at a run folder")
-    trainer = Trainer(spec, settings or RunSettings(tracking=False))
+    trainer = Trainer(spec, settings)
     state = ckpt.load(path, map_location=trainer.device)
     changed = _differences(state.get("config"), to_dict(trainer.config))
     if changed:

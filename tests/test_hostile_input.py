@@ -141,14 +141,14 @@ def test_an_empty_training_budget_is_refused(embedded_root, tmp_path, override):
 
 def test_non_finite_scores_stop_with_a_clear_error(finished_trainer, monkeypatch):
     trainer = finished_trainer
-    real = trainer.log_likelihoods
+    real = trainer.log_likelihoods_float32
 
     def below_float16(split="test"):
         maps = real(split)
-        maps[0][0] = float("-inf")  # what float16 makes of a value below -65504
+        maps[0][0] = -1e5  # float16, the stored maps' type, makes -inf of a value below -65504
         return maps
 
-    monkeypatch.setattr(trainer, "log_likelihoods", below_float16)
+    monkeypatch.setattr(trainer, "log_likelihoods_float32", below_float16)
     with pytest.raises(TrainingError, match="not finite"):
         trainer.evaluate()
 

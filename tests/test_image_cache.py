@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data import AnomalyDataset, dataset_hash
+from harness.data import AnomalyDataset, Preprocessing, dataset_hash
 from harness.errors import ConfigError
 from harness.synthetic import generate_embedded
 
@@ -42,7 +42,7 @@ def test_cached_items_equal_decoded_items_and_are_reused(data, tmp_path, monkeyp
         assert first[0]["image"].shape == (3, 40, 40)
     files = sorted((cache / "data" / "chip").glob("*.npz"))
     assert [f.name.split("-")[0] for f in files] == ["test", "train"]
-    assert all(f.name.split("-")[1:3] == ["40x40", "lanczos"] for f in files)
+    assert all(f.name.split("-")[1:3] == ["40x40", "lanczos_nearest"] for f in files)
     stamp = [f.stat().st_mtime_ns for f in files]
     # Reused, not rebuilt: a later dataset reads the stored pixels and decodes nothing.
     monkeypatch.setattr(AnomalyDataset, "_decode", lambda self, i: pytest.fail("decoded again"))
@@ -55,10 +55,20 @@ def test_other_size_and_resize_are_other_files(data, tmp_path):
     cache = tmp_path / "cache"
     cached(data, "train", cache, (40, 40))
     cached(data, "train", cache, (32, 48))
-    dataset = AnomalyDataset(data, "chip", "train", (40, 40), validate=False)
-    dataset.use_image_cache(cache, dataset_hash(data, "chip"), resize="bilinear")
+    bilinear = Preprocessing(image_resize="bilinear", mask_resize="bilinear")
+    dataset = AnomalyDataset(data, "chip", "train", (40, 40), validate=False, preprocessing=bilinear)
+    dataset.use_image_cache(cache, dataset_hash(data, "chip"))
+    assert_same_items(dataset, AnomalyDataset(data, "chip", "train", (40, 40), validate=False, preprocessing=bilinear))
     names = sorted(f.name.split("-", 1)[1].rsplit("-", 1)[0] for f in (cache / "data" / "chip").glob("*.npz"))
-    assert names == ["32x48-lanczos", "40x40-bilinear", "40x40-lanczos"]
+    assert names == ["32x48-lanczos_nearest", "40x40-bilinear_bilinear", "40x40-lanczos_nearest"]
+
+
+def test_float_resizing_is_not_cached(data, tmp_path):
+    """8-bit storage would round a floating-point resize (U-Flow's bilinear with antialias)."""
+    dataset = AnomalyDataset(data, "chip", "train", (40, 40), validate=False,
+                             preprocessing=Preprocessing(image_resize="bilinear_antialias"))
+    with pytest.raises(ConfigError, match="floating point"):
+        dataset.use_image_cache(tmp_path / "cache", dataset_hash(data, "chip"))
 
 
 def test_changed_data_replaces_the_stale_file(data, tmp_path):
