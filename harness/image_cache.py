@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,18 +71,11 @@ def _load(path: Path, paths: Sequence[str]) -> DecodedImages:
 
 
 def _write(path: Path, decoded: DecodedImages) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=decoded.images, masks=decoded.masks, paths=np.array(decoded.paths),
-                     digest=np.array(_digest(decoded.images, decoded.masks)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from harness.train import atomic_write_bytes  # the one atomic write (umask, fsync, rename)
+
+    atomic_write_bytes(path, lambda f: np.savez(f, images=decoded.images, masks=decoded.masks,
+                                                paths=np.array(decoded.paths),
+                                                digest=np.array(_digest(decoded.images, decoded.masks))))
 
 
 def decoded_split(path: Path, paths: Sequence[str],
