@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from bench_train import timed  # the device-synchronised timer of the training benchmark
 from harness.precision import prepare_model
 from methods.registry import build_model, create_method
 
@@ -45,19 +46,6 @@ MODES = {
                 precisions=["fp32", "bf16"], runs_per_gpu=[1, 2], compiles=[False]),
 }
 EPOCHS, EVALUATIONS = 100, 25  # MSFlow: 25 meta-epochs of 4 epochs, an evaluation after each
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, fn) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 class Bench:
