@@ -1,20 +1,21 @@
 """The fixed cost of one pipeline stage: what a training stage spends besides training and testing.
 
-    python benchmarks/bench_startup.py                    # MSFlow's demo stage (official protocol)
+    python benchmarks/bench_startup.py                    # MSFlow's demo stages (official protocol)
     python benchmarks/bench_startup.py --method cflow --repeats 3
 
 A stage is one process (`python -m harness run main ...`, as dvc.yaml runs it). This script builds
 a folder with the demo's settings (harness.demo.demo_params: embedded data, ResNet-18 with random
-weights at 64 px, MLflow tracking on), generates one embedded class, and runs the stage command
-``--repeats`` times in fresh processes (each run in a new runs folder, so nothing is resumed):
+weights at 64 px, MLflow tracking on), generates one embedded class, and runs two stage commands ``--repeats`` times each in fresh
+processes (each run in a new runs folder, so nothing is resumed): a main-comparison run (which
+draws its figures) and an MSFlow ablation run (``--variant``; ablation runs draw none by default):
 
   wall        the whole process, interpreter start to exit
   work        training epochs and evaluations as the run records them (metrics.json:
               train_seconds, and test set size / test_images_per_second)
   fixed       wall - work: imports, settings, data checks and hash, model building, feature
-              extraction, final metrics, maps, MLflow, figures, cost counting
+              extraction, final metrics, maps, MLflow, figures
 
-Then once more under cProfile, for the phases of the fixed part (cumulative seconds; cProfile
+Then the main stage once more under cProfile, for the phases of the fixed part (cumulative seconds; cProfile
 slows Python-heavy code, so the shares matter more than the sums). Writes
 benchmarks/results/bench_startup.json.
 """
@@ -47,11 +48,13 @@ PHASES = {
     "figures": ("harness/train.py", "write_figures"),
     "mlflow run start": ("harness/tracking.py", "__enter__"),
     "mlflow logging": ("harness/tracking.py", "log_artifact"),
-    "cost counting": ("harness/profile.py", "method_info"),
 }
 
 
-def stage_command(args, python: str) -> list[str]:
+def stage_command(args, python: str, part: str = "main") -> list[str]:
+    if part == "ablation":
+        return [python, "-m", "harness", "run", "ablation", "--variant", args.variant, "--class", args.class_name,
+                "--seed", "0"]
     return [python, "-m", "harness", "run", "main", "--protocol", args.protocol, "--dataset", "embedded",
             "--method", args.method, "--class", args.class_name, "--seed", "0"]
 
@@ -62,6 +65,7 @@ def make_project(folder: Path, methods: list[str], class_name: str) -> None:
 
     params = demo_params(folder, methods)
     params["datasets"]["embedded"]["classes"] = [class_name]
+    params["ablations"]["classes"] = [class_name]
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     generate_embedded(folder / params["paths"]["data"] / "embedded", seed=0, classes=[class_name])
 
@@ -105,24 +109,30 @@ def main() -> None:
     parser.add_argument("--method", default="msflow")
     parser.add_argument("--protocol", default="official")
     parser.add_argument("--class", dest="class_name", default="granite")
+    parser.add_argument("--variant", default="pool_max", help="the MSFlow ablation variant to time")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="bench_startup_"))
-    make_project(folder, [args.method], args.class_name)
+    make_project(folder, sorted({args.method, "msflow"}), args.class_name)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    runs = []
-    for i in range(args.repeats):
-        for old in folder.glob("runs/*"):
-            subprocess.run(["rm", "-rf", str(old)], check=True)
-        start = time.perf_counter()
-        subprocess.run(stage_command(args, args.python), cwd=folder, env=env, check=True, capture_output=True)
-        wall = time.perf_counter() - start
-        work = work_seconds(find_run(folder))
-        runs.append({"wall_s": wall, "work_s": work, "fixed_s": wall - work})
-        print(f"run {i + 1}: wall {wall:.1f} s, training and tests {work:.1f} s, fixed {wall - work:.1f} s", flush=True)
+    stages = {}
+    for part in ("main", "ablation"):
+        runs = []
+        for i in range(args.repeats):
+            for old in folder.glob("runs/*"):
+                subprocess.run(["rm", "-rf", str(old)], check=True)
+            start = time.perf_counter()
+            subprocess.run(stage_command(args, args.python, part), cwd=folder, env=env, check=True,
+                           capture_output=True)
+            wall = time.perf_counter() - start
+            work = work_seconds(find_run(folder))
+            runs.append({"wall_s": wall, "work_s": work, "fixed_s": wall - work})
+            print(f"{part} run {i + 1}: wall {wall:.1f} s, training and tests {work:.1f} s, fixed {wall - work:.1f} s",
+                  flush=True)
+        stages[part] = {"runs": runs, "best": min(runs, key=lambda r: r["wall_s"])}
 
     for old in folder.glob("runs/*"):
         subprocess.run(["rm", "-rf", str(old)], check=True)
@@ -135,12 +145,14 @@ def main() -> None:
     mlflow_import = int(importtime[-1].split("|")[1]) / 1e6 if importtime else None
     breakdown = {**phases(profile), "import mlflow": mlflow_import}
 
-    best = min(runs, key=lambda r: r["wall_s"])
-    result = {"method": args.method, "protocol": args.protocol, "class": args.class_name, "cpu_count": os.cpu_count(),
-              "runs": runs, "best": best, "profiled_phases_s": breakdown}
+    result = {"method": args.method, "protocol": args.protocol, "variant": args.variant, "class": args.class_name,
+              "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0], "stages": stages,
+              "profiled_phases_s": breakdown}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_startup.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"best of {args.repeats}: wall {best['wall_s']:.1f} s, fixed {best['fixed_s']:.1f} s")
+    for part, stage in stages.items():
+        best = stage["best"]
+        print(f"{part}: best of {args.repeats}: wall {best['wall_s']:.1f} s, fixed {best['fixed_s']:.1f} s")
     for name, seconds in breakdown.items():
         if seconds is not None:
             print(f"  {name:<40}{seconds:>7.2f} s (profiled)")

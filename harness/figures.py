@@ -300,6 +300,23 @@ def save(fig: Any, stem: str | Path, formats: Sequence[str] = FORMATS, by_format
 # --------------------------------------------------------------------------- one run
 
 
+def run_curves(folder: Path, labels: Any, image_scores: Any, maps: Any, masks: Any) -> list[Path]:
+    """A run's ROC (and PRO, with defect pixels) curve data as CSV, without drawing: what a run
+    that keeps no figures still gives ``dvc plots`` (the figures stage collects these files)."""
+    import numpy as np
+
+    from harness import metrics as M
+
+    folder = Path(folder)
+    fpr, tpr, _ = roc_points(labels, image_scores)
+    paths = [write_curve_csv(folder / "roc_image.csv", {"fpr": fpr, "tpr": tpr})]
+    masks = np.asarray(masks)
+    if masks.any():
+        x, y = _pro_until(*M.pro_curve(masks, np.asarray(_to_numpy(maps), dtype=np.float32)), FPR_LIMIT)
+        paths.append(write_curve_csv(folder / "pro_curve.csv", {"fpr": x, "pro": y}))
+    return paths
+
+
 def run_figures(folder: Path, labels: Any, image_scores: Any, maps: Any, masks: Any, threshold: float | None,
                 dataset: Any, title: str = "") -> list[Path]:
     """A run's figures in ``folder``: ROC (and PRO, with defect pixels) curves, and the map grid.

@@ -10,8 +10,9 @@ Runs folder layout (under ``paths.runs``):
   ablations/<variant>/<class>/seed-<seed>/                  MSFlow ablations that retrain
   rescored/<variant>/<class>/seed-<seed>/                   MSFlow ablations re-scored from stored maps
 
-Each run folder is what harness.train writes, plus ``cost.json`` (trainable parameters and forward
-compute of that configuration).
+Each run folder is what harness.train writes. A configuration's size and compute (trainable
+parameters, forward GFLOPs) depend on its settings and input size only, so the tables stage counts
+them once per configuration (harness.tables.configuration_cost) rather than every run stage.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from harness.config import RunSettings, RunSpec, check_keys, check_name, load_pa
 from harness.errors import ConfigError, HarnessError
 
 PARAMS = Path("params.yaml")
-COST = "cost.json"
 REFERENCE_METHOD = "msflow"  # the ablations are MSFlow's
 REFERENCE_PROTOCOL = "official"
 
@@ -170,6 +170,10 @@ RUNTIME_KEYS = ("device", "precision", "compile", "channels_last", "workers", "f
                 "figures", "pretrained", "weights", "progress", "keep_checkpoints", "slurm")
 TRACKING_KEYS = ("enabled", "uri", "experiment")
 LOOP_KEYS = ("epochs", "eval_every", "precision")
+# Which runs draw their own figures (ROC and PRO curves, map grid) at the end of training. An
+# ablation run is one row of a table; its maps are stored all the same, and drawing costs a stage
+# seconds. true / false are read as all / none.
+FIGURES = {"main": False, "all": True, "none": False, True: True, False: False}
 FEATURE_CACHE = {"auto": None, "on": True, "off": False, True: True, False: False}
 
 
@@ -186,6 +190,10 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
     keep = runtime.get("keep_checkpoints", True)
     if not isinstance(keep, bool):
         raise ConfigError(f"params.yaml runtime.keep_checkpoints={keep!r} must be true or false (no quotes)")
+    figures = runtime.get("figures", "main")
+    if not isinstance(figures, (str, bool)) or figures not in FIGURES:
+        raise ConfigError(f"params.yaml runtime.figures={figures!r} must be main (the main comparison's runs "
+                          "only), all or none")
     experiment = tracking.get("experiment") or "flowad"
     experiment = f"{experiment}/{run.protocol}" if run.part == "main" else f"{experiment}/ablations"
     # The official protocol (and the ablations, whose default row is an official run) keeps the
@@ -200,7 +208,7 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
         compile=runtime.get("compile", False),
         channels_last=runtime.get("channels_last", False),
         image_cache=runtime.get("image_cache"),
-        figures=runtime.get("figures", True),
+        figures=FIGURES[figures] or (figures == "main" and run.part == "main"),
         workers=runtime.get("workers", 0),
         seed=seed_value(run.seed),
         feature_cache=FEATURE_CACHE[cache],
@@ -294,14 +302,13 @@ def labels(params: dict[str, Any], run: GridRun) -> dict[str, Any]:
 
 
 def execute(params: dict[str, Any], run: GridRun, resume: bool = True) -> dict[str, Any]:
-    """Train one run of the grid (the body of a dvc.yaml run stage) and write its cost.json.
+    """Train one run of the grid (the body of a dvc.yaml run stage).
 
     DVC runs a stage when the run is missing or out of date. Run folders persist across stage
     runs, so: an unfinished folder with the same settings and data is continued (``resume``); a
     finished one of the same settings, data and code is kept (the stage was killed before DVC
     recorded it); a folder with other settings, data or code is started afresh."""
-    from harness.profile import method_info
-    from harness.train import atomic_write_json, run_training
+    from harness.train import run_training
 
     spec, settings = run_spec(params, run), run_settings(params, run)
     summary = _finished_here(run.out_dir, spec, settings)
@@ -310,8 +317,6 @@ def execute(params: dict[str, Any], run: GridRun, resume: bool = True) -> dict[s
             _end_tracking(run.out_dir, settings, "KILLED")  # its MLflow run would stay RUNNING
             shutil.rmtree(run.out_dir)
         summary = run_training(spec, settings, resume=resume, labels=labels(params, run))
-    cost = method_info(run.method, spec.overrides, class_name=run.class_name)
-    atomic_write_json(run.out_dir / COST, cost)
     if not (params.get("runtime") or {}).get("keep_checkpoints", True):
         # maps.npz keeps what the tables and the scoring ablations need; the checkpoint (model and
         # optimiser state) is only for re-evaluation and can be large.

@@ -37,7 +37,7 @@ class RunResult:
     last_epoch: float = math.nan
     train_seconds_per_epoch: float = math.nan
     test_images_per_second: float = math.nan
-    cost: dict[str, Any] = field(default_factory=dict)
+    image_size: tuple[int, int] | None = None  # the input size the run trained at (metrics.json)
     weights: str = ""  # "pretrained" | "random" | "" (no record)
     weight_labels: list[str] = field(default_factory=list)  # "backbone: source label", from record.json
     code_revision: str = ""
@@ -98,11 +98,9 @@ def read_run(run: GridRun) -> RunResult:
         weights=weights_of(record),
         weight_labels=weight_labels_of(record),
         code_revision=str((record.get("code") or {}).get("revision", "")),
+        image_size=tuple(summary["image_size"]) if len(summary.get("image_size") or []) == 2 else None,
         finished=True,
     )
-    cost_path = run.out_dir / grid.COST
-    if cost_path.exists():
-        result.cost = json.loads(cost_path.read_text())
     return result
 
 

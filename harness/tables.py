@@ -24,6 +24,8 @@ Tables (name -> what):
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -533,14 +535,14 @@ def cost_table(params: dict[str, Any], results: list[RunResult]) -> Table | None
                    ("speed", "train s/ep."), ("speed", "test img/s"), ("", "classes")])
     for label, runs in entries:
         done = [r for r in runs if r.finished]
-        costed = [r.cost for r in done if r.cost]
         values: dict[str, Any] = {"input height": math.nan, "input width": math.nan, "params (M)": math.nan,
                                   "GFLOPs flows": math.nan, "GFLOPs backbone": math.nan}
-        if costed:
+        sizes = [r.image_size for r in done if r.image_size]
+        if sizes:
             # Classes may differ in input size (MSFlow's transistor): report the most common size.
-            sizes = [tuple(c["input_size"]) for c in costed]
             common = max(set(sizes), key=sizes.count)
-            c = costed[sizes.index(common)]
+            run = done[[r.image_size for r in done].index(common)]
+            c = configuration_cost(run.run.method, grid.run_spec(params, run.run).overrides, common)
             values.update({"input height": common[0], "input width": common[1],
                            "params (M)": c["trainable_parameters"]["total"] / 1e6,
                            "GFLOPs flows": c["gflops"]["flows"], "GFLOPs backbone": c["gflops"]["backbone"]})
@@ -548,7 +550,7 @@ def cost_table(params: dict[str, Any], results: list[RunResult]) -> Table | None
         test = _mean_of(r.test_images_per_second for r in done)
         values.update({"train s/epoch": train, "test images/s": test, "classes finished": len(done),
                        "classes": len(runs)})
-        size = NOT_RUN if not costed else f"{values['input height']}×{values['input width']}"
+        size = NOT_RUN if not sizes else f"{values['input height']}×{values['input width']}"
         cells = [size, *(NOT_RUN if math.isnan(values[k]) else f"{values[k]:.2f}"
                          for k in ("params (M)", "GFLOPs flows", "GFLOPs backbone", "train s/epoch")),
                  NOT_RUN if math.isnan(test) else f"{test:.1f}", f"{len(done)}/{len(runs)}"]
@@ -558,6 +560,19 @@ def cost_table(params: dict[str, Any], results: list[RunResult]) -> Table | None
                    f"runs (device setting {device}), mean over classes; training with cached features where "
                    "the method allows."]
     return table
+
+
+def configuration_cost(method: str, overrides: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """harness.profile.method_info of one configuration at one input size, counted once per
+    process: the runs of a configuration share it whatever their class or seed."""
+    return _configuration_cost(method, json.dumps(overrides, sort_keys=True, default=str), tuple(size))
+
+
+@functools.lru_cache(maxsize=None)
+def _configuration_cost(method: str, overrides: str, size: tuple[int, int]) -> dict[str, Any]:
+    from harness.profile import method_info
+
+    return method_info(method, json.loads(overrides), size)
 
 
 def _mean_of(values: Iterable[float]) -> float:

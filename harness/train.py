@@ -582,9 +582,11 @@ class Trainer:
             logged = history.epochs[-1] if history.epochs and history.epochs[-1]["epoch"] == self.epochs else {}
             self.tracker.log_metrics({k: v for k, v in final.items() if k not in logged}, step=self.epochs)
             self.tracker.log_metrics(best_metrics(history.best), step=self.epochs)
-        artifacts = write_figures(self.out / "artifacts", result, self.test_set, final.get("fair_threshold"),
-                                  title=f"{self.spec.method} {self.spec.dataset}/{self.spec.class_name}") \
-            if self.settings.figures else []
+        if self.settings.figures:
+            artifacts = write_figures(self.out / "artifacts", result, self.test_set, final.get("fair_threshold"),
+                                      title=f"{self.spec.method} {self.spec.dataset}/{self.spec.class_name}")
+        else:
+            artifacts = write_curves(self.out / "artifacts", result)
         summary = {
             "method": self.spec.method, "dataset": self.spec.dataset, "class": self.spec.class_name,
             "epochs": self.epochs, "last": final,
@@ -672,6 +674,13 @@ def write_figures(folder: Path, result: EvalResult, dataset: AnomalyDataset, thr
 
     return run_figures(folder, result.labels, result.scores.image, result.scores.pro_map, result.masks,
                        threshold, dataset, title=title)
+
+
+def write_curves(folder: Path, result: EvalResult) -> list[Path]:
+    """The ROC and PRO curve data (CSV) of a run that draws no figures."""
+    from harness.figures import run_curves
+
+    return run_curves(folder, result.labels, result.scores.image, result.scores.pro_map, result.masks)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -105,8 +105,51 @@ def test_curves_come_with_their_data(tmp_path: Path) -> None:
         figures.roc_figure(np.zeros(5), np.zeros(5), tmp_path / "bad")
 
 
+def test_a_run_without_figures_keeps_the_same_curve_data(tmp_path: Path) -> None:
+    from harness import metrics as M
+
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(4), np.ones(4)]
+    masks = np.zeros((8, 16, 16), dtype=bool)
+    masks[4:, 4:9, 4:9] = True
+    maps = masks + rng.normal(0, 0.6, masks.shape)
+    scores = maps.reshape(8, -1).max(1)
+    written = figures.run_curves(tmp_path / "data", labels, scores, maps, masks)
+    assert sorted(p.name for p in written) == ["pro_curve.csv", "roc_image.csv"]
+    assert not list((tmp_path / "data").glob("*.p[nd][gf]"))  # nothing drawn
+    drawn = tmp_path / "drawn"
+    figures.roc_figure(labels, scores, drawn / "roc_image")
+    figures.pro_figure(*M.pro_curve(masks, maps.astype(np.float32)), drawn / "pro_curve")
+    for name in ("roc_image.csv", "pro_curve.csv"):
+        assert (tmp_path / "data" / name).read_text() == (drawn / name).read_text()
+    assert [p.name for p in figures.run_curves(tmp_path / "good", labels, scores, maps, np.zeros_like(masks))] \
+        == ["roc_image.csv"]  # no PRO curve without defect pixels
+
+
 def test_importing_figures_does_not_import_matplotlib() -> None:
     script = "import sys, harness.figures, harness.tracking; assert 'matplotlib' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("setting, main, ablation", [("main", True, False), ("all", True, True), (True, True, True),
+                                                     ("none", False, False), (False, False, False)])
+def test_which_runs_draw_their_own_figures(setting, main: bool, ablation: bool) -> None:
+    """runtime.figures: by default only the main comparison's runs draw; an ablation run is a
+    table row (its maps are stored, and the figures stage draws from them)."""
+    import yaml
+
+    from harness import grid
+    from harness.errors import ConfigError
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert params["runtime"]["figures"] == "main"
+    params["runtime"]["figures"] = setting
+    main_run = grid.main_run(params, "official", "mvtec_ad", "msflow", "bottle", 0)
+    ablation_run = grid.ablation_run(params, "pool_max", "bottle", 0)
+    assert grid.run_settings(params, main_run).figures is main
+    assert grid.run_settings(params, ablation_run).figures is ablation
+    params["runtime"]["figures"] = "some"
+    with pytest.raises(ConfigError, match="runtime.figures"):
+        grid.run_settings(params, main_run)

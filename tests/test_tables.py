@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from harness import grid
+from harness.profile import method_info
 from harness.tables import DEMO_NOTICE, NOT_PUBLISHED, NOT_RUN, build_tables, label_text, latex_escape
 from harness.verify import SOURCE_KINDS, load_published, write_report
 
@@ -153,12 +154,10 @@ def write_metrics(run: grid.GridRun, image: float, pixel: float = 0.9, best_imag
     best["image_auroc"]["value"] = best_image if best_image is not None else image
     history = [{"epoch": 1, "loss": 1.0, "train_seconds": 2.0},
                {"epoch": 2, "loss": 0.5, "train_seconds": 4.0, "test_images_per_second": 10.0, **last}]
-    (run.out_dir / "metrics.json").write_text(json.dumps({"last": last, "best": best, "history": history}))
+    (run.out_dir / "metrics.json").write_text(json.dumps({"last": last, "best": best, "history": history,
+                                                          "image_size": [512, 512]}))
     (run.out_dir / "record.json").write_text(json.dumps({
         "code": {"revision": "abc123"}, "config": {"settings": {"pretrained": pretrained}}}))
-    (run.out_dir / grid.COST).write_text(json.dumps({
-        "input_size": [512, 512], "trainable_parameters": {"total": 99_600_000},
-        "gflops": {"backbone": 60.0, "flows": 89.4}}))
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +249,7 @@ def test_mtd_published_figures_appear(tables):
 
 
 def test_ablation_and_cost_tables(tables):
-    _, folder, _ = tables
+    params, folder, _ = tables
     pooling = markdown_rows(folder, "ablation_pooling")
     assert pooling["max, k=3"][0] == "90.00 [1/2 seeds]"  # seed 1 not run
     assert pooling["avg, k=5"][0] == NOT_RUN and pooling["max, k=7"][0] == NOT_RUN
@@ -258,7 +257,12 @@ def test_ablation_and_cost_tables(tables):
     assert top_k["full mean (K = 100 %)"][0] == "80.00 [1/2 seeds]"
     assert "top 2 %" in top_k
     cost = read(folder, "cost")
-    assert cost.loc["MSFlow", "params (M)"] == pytest.approx(99.6)
+    # Counted from the configuration at the size the runs trained at (metrics.json image_size).
+    counted = method_info("msflow", grid.run_spec(params, grid.main_run(params, "official", "mvtec_ad", "msflow",
+                                                                         "bottle", 0)).overrides, (512, 512))
+    assert cost.loc["MSFlow", "params (M)"] == pytest.approx(counted["trainable_parameters"]["total"] / 1e6)
+    assert cost.loc["MSFlow", "GFLOPs flows"] == pytest.approx(counted["gflops"]["flows"])
+    assert cost.loc["MSFlow", "input height"] == 512
     assert cost.loc["MSFlow", "train s/epoch"] == pytest.approx(3.0)
     fusion = read(folder, "fusion_cost")
     assert fusion.loc["MSFlow fusion flow", "vs cross-scale (%)"] < -90
