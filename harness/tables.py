@@ -35,7 +35,7 @@ import pandas as pd
 
 from harness import grid
 from harness.results import RunResult, Stat, class_mean_stat, collect, random_weight_runs, weights_in_use
-from harness.verify import FIGURE_VERDICTS, load_published, read_report
+from harness.verify import FIGURE_VERDICTS, FINAL_MODEL_METRICS, load_published, read_report
 
 NOT_RUN = "not run"
 NOT_PUBLISHED = "–"
@@ -44,10 +44,17 @@ DEMO_NOTICE = ("Demo: procedurally generated embedded data, tiny budgets. These 
 RANDOM_NOTICE = ("Random backbone weights in {n} of the runs: their figures test the pipeline and reproduce "
                  "nothing.")
 METRIC_LABELS = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AU-PRO (MVTec)",
-                 "aupro_code": "PRO (code)", "miou_fair": "mIoU (fair)", "miou_oracle": "mIoU (oracle)"}
-SHORT_METRIC = {"image_auroc": "Image", "pixel_auroc": "Pixel", "aupro": "AU-PRO", "aupro_code": "PRO (code)"}
+                 "aupro_code": "PRO (code)", "aupro_cflow": "PRO (CFlow code)",
+                 "miou_fair": "mIoU (map, fair)", "miou_oracle": "mIoU (map, oracle)",
+                 "miou_nfa_fair": "mIoU (NFA, fair)", "miou_nfa_oracle": "mIoU (NFA, oracle)"}
+SHORT_METRIC = {"image_auroc": "Image", "pixel_auroc": "Pixel", "aupro": "AU-PRO", "aupro_code": "PRO (code)",
+                "aupro_cflow": "PRO (CFlow)"}
 DATASET_METRICS = {"mtd": ["image_auroc"], "mstc": ["pixel_auroc", "image_auroc"]}
 DEFAULT_METRICS = ["image_auroc", "pixel_auroc", "aupro", "aupro_code"]
+# A method's own metrics (its extra_metrics), shown for that method only, on the datasets with the
+# localisation metrics (DEFAULT_METRICS): CFlow-AD's PRO in its own code's convention, the one its
+# published PRO figures use.
+METHOD_METRICS = {"cflow": ["aupro_cflow"]}
 METHOD_LABELS = {"msflow": "MSFlow", "cflow": "CFlow-AD", "fastflow": "FastFlow", "csflow": "CS-Flow",
                  "uflow": "U-Flow", "patchcore": "PatchCore"}
 # What fits: an article's \textwidth (345 pt at 10 pt), with a margin for the estimate.
@@ -275,8 +282,17 @@ def write_table(table: Table, out: Path, notice: str) -> str:
 # --------------------------------------------------------------------------- the tables
 
 
-def _metrics_of(dataset: str) -> list[str]:
-    return DATASET_METRICS.get(dataset, DEFAULT_METRICS)
+def _metrics_of(dataset: str, method: str | None = None) -> list[str]:
+    """The metrics of a dataset's tables; with ``method``, that method's own metrics too."""
+    common = DATASET_METRICS.get(dataset, DEFAULT_METRICS)
+    if method is None or not _localisation(dataset):
+        return common
+    return [*common, *METHOD_METRICS.get(method, [])]
+
+
+def _localisation(dataset: str) -> bool:
+    """Whether a dataset's tables hold the localisation metrics (AU-PRO, and the mIoU tables)."""
+    return "aupro" in DATASET_METRICS.get(dataset, DEFAULT_METRICS)
 
 
 def _label(method: str) -> str:
@@ -339,36 +355,47 @@ def headline_table(params: dict[str, Any], dataset: str, label: str, classes: li
     table = Table(f"main_official_{dataset}", f"{label}, official protocol: ours against the published figures",
                   "metric", [("ours", "last"), ("ours", "best†"), ("", "published"), ("", "Δ"), ("", "tol."),
                              ("", "verdict")])
-    notes = Notes()
+    notes, final = Notes(), []
     for method in params.get("methods") or {}:
         table.section(_label(method))
         runs = _main_runs(results, grid.REFERENCE_PROTOCOL, dataset, method, class_name)
-        for metric in _metrics_of(dataset):
+        for metric in _metrics_of(dataset, method):
             last, best = class_mean_stat(runs, metric), class_mean_stat(runs, metric, "best")
             check = _reference(figures, dataset, method, class_name, metric)
             values = {"method": method, **_stat_values("last", last), **_stat_values("best", best)}
+            best_cell = cell(best)
+            if metric in FINAL_MODEL_METRICS:  # no best epoch: computed on the final model only
+                best_cell = NOT_PUBLISHED
+                final.append(METRIC_LABELS[metric])
             if check is None:
-                cells = [cell(last), cell(best), NOT_PUBLISHED, NOT_PUBLISHED, NOT_PUBLISHED, "not published"]
+                cells = [cell(last), best_cell, NOT_PUBLISHED, NOT_PUBLISHED, NOT_PUBLISHED, "not published"]
                 values.update(published=math.nan, delta=math.nan, tolerance=math.nan, verdict="not published")
             else:
                 mark = notes.mark(source_note(_published_row(published, check)))
-                cells = [cell(last), cell(best), f"{check['published']:.2f} ({mark})",
+                cells = [cell(last), best_cell, f"{check['published']:.2f} ({mark})",
                          _fmt(check["delta"], signed=True), _fmt(check["tolerance"]), verdict_cell(check, notes)]
                 values.update(published=check["published"], delta=check["delta"], tolerance=check["tolerance"],
                               verdict=check["verdict"], compared_at=check["compared_at"])
             table.add(METRIC_LABELS[metric], cells, values)
     table.notes = ["Δ = ours - published at the published figure's epoch selection; tol. = max(0.5, 2 × seed "
                    "std).", *notes.lines()]
+    if final:
+        table.notes.insert(1, f"{', '.join(dict.fromkeys(final))}: computed on the final model only (no best "
+                              "epoch), compared at the last epoch.")
     return table
 
 
 def per_class_tables(params: dict[str, Any], dataset: str, label: str, classes: list[str], protocol: str,
                      results: list[RunResult], figures: pd.DataFrame, published: pd.DataFrame) -> list[Table]:
-    methods = list(params.get("methods") or {})
+    every = list(params.get("methods") or {})
     official = protocol == grid.REFERENCE_PROTOCOL
     rows = [*classes, "mean"] if len(classes) > 1 else classes
     tables = []
-    for metric in _metrics_of(dataset):
+    # A method's own metric gets a table of its own, with the methods that compute it only.
+    own = list(dict.fromkeys(m for method in every for m in _metrics_of(dataset, method)
+                             if m not in _metrics_of(dataset)))
+    for metric in [*_metrics_of(dataset), *own]:
+        methods = [m for m in every if metric in _metrics_of(dataset, m)]
         table = Table(f"main_{protocol}_{dataset}_{metric}",
                       f"{label}, {protocol} protocol: {METRIC_LABELS[metric]} per class, last epoch", "class")
         table.columns = ([(_label(m), c) for m in methods for c in ("ours", "pub.")] if official
@@ -593,7 +620,8 @@ def _verification_section(figures: pd.DataFrame, claims: pd.DataFrame, summary: 
              f"`flowad verify` compared {counts['total']} published figures the grid covers: "
              + ", ".join(f"{counts[v.replace(' ', '_')]} {v}" for v in FIGURE_VERDICTS)
              + ". Rule: ours at the published figure's epoch selection (best epoch on the test set where the "
-             "paper reports it, else the last epoch), tolerance max(0.5, 2 × seed std) points; a figure whose "
+             "paper reports it, else the last epoch; the last epoch for what only the final model is evaluated "
+             "on: mIoU, CFlow's own PRO), tolerance max(0.5, 2 × seed std) points; a figure whose "
              "setting (backbone, input size, implementation) differs from ours is not comparable. All figures "
              "with their verdicts: [verify.csv](../verify.csv).", ""]
     head = figures[figures["reference"].astype(bool) & ((figures["class"] == "mean") | (figures["dataset"] == "mtd"))]
@@ -619,10 +647,18 @@ LEGEND = """## Legend
   metric on the test set, which is what the papers report (optimistic: the test set chooses the epoch).
 - **Image AUROC**: AUROC of the image scores. **Pixel AUROC**: AUROC over every test pixel.
 - **AU-PRO (MVTec)** (`aupro`): the MVTec convention: PRO integrated over FPR in [0, 0.3] and divided by 0.3.
-  **PRO (code)** (`aupro_code`): the MSFlow / CFlow code convention: equal score thresholds (800 in MSFlow's
-  code), the FPRs below 0.3 kept and min-max rescaled to [0, 1]. The two are not interchangeable.
-- **mIoU**: U-Flow's per-image IoU averaged over the test images, at its automatic threshold (fair) and at
-  the best threshold (oracle).
+  **PRO (code)** (`aupro_code`): the MSFlow code convention: 800 equal score thresholds rising from the minimum,
+  the FPRs below 0.3 kept and min-max rescaled to [0, 1]. **PRO (CFlow code)** (`aupro_cflow`, CFlow-AD only,
+  final model): CFlow-AD's own code, the convention of its published PRO: 1000 thresholds descending from the
+  maximum, FPR <= 0.3 kept and rescaled as in the MSFlow code, a region's overlap counted on its hole-filled
+  shape but divided by its own area. The three are not interchangeable.
+- **mIoU**: U-Flow's definition, per-image IoU averaged over all test images (defect-free ones included), at
+  256x256, final model. **mIoU (map, fair / oracle)** (`miou_fair`, `miou_oracle`): thresholds on the
+  likelihood (anomaly) map, every method: fair = one false-positive pixel per training image on average (U-Flow's
+  rule for methods without an automatic threshold), oracle = the best of 1000 thresholds. **mIoU (NFA, fair /
+  oracle)** (`miou_nfa_fair`, `miou_nfa_oracle`, U-Flow only): U-Flow's a contrario segmentation, at its
+  automatic threshold log10 NFA = 0 and at the best of -log10 NFA = -400 ... 1000. U-Flow publishes the NFA
+  figures for itself and the likelihood-map ones for the other methods.
 - **pub.**, **published**, **paper**: a published figure, with a note letter naming its source, who computed
   it (own paper, own README, own log, other paper, third-party code, derived) and its setting (backbone,
   input size, epoch selection). **log**: the MSFlow authors' shipped training log (last and best epoch).

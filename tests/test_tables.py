@@ -87,11 +87,48 @@ def test_every_published_row_has_a_source_kind_setting_and_a_number():
     reference = published[published["reference"]]
     assert not reference.duplicated(["dataset", "method", "class", "metric"]).any()
     # CFlow's PRO figures (its own table and U-Flow's copy of it) carry one convention label.
-    assert set(published[published["method"] == "cflow"]["metric"]) <= {"image_auroc", "pixel_auroc", "aupro_code",
+    assert set(published[published["method"] == "cflow"]["metric"]) <= {"image_auroc", "pixel_auroc", "aupro_cflow",
                                                                          "miou_fair", "miou_oracle"} | {
         m for m in published[published["source_kind"] == "third-party code"]["metric"]}
-    assert not ((published["method"] == "cflow") & (published["metric"] == "aupro")
+    assert not ((published["method"] == "cflow") & published["metric"].isin(["aupro", "aupro_code"])
                 & (published["source_kind"] != "third-party code")).any()
+
+
+CFLOW_PRO_LABEL = "PRO in CFlow-AD's own code convention (column aupro_cflow:"
+
+
+def test_cflow_pro_figures_are_in_cflow_s_own_convention():
+    """Every published CFlow PRO figure (CFlow's Table 3, U-Flow's copy of it) is compared with our
+    aupro_cflow and names that one convention."""
+    published = load_published(PUBLISHED)
+    cflow = published[published["method"] == "cflow"]
+    pro = cflow[cflow["metric"].str.contains("pro")]
+    assert len(pro) == 32 and set(pro["metric"]) == {"aupro_cflow"}
+    assert pro["note"].str.contains(CFLOW_PRO_LABEL, regex=False).all()
+    assert set(pro["source"].str.extract(r"^(CFlow-AD paper|U-Flow)")[0]) == {"CFlow-AD paper", "U-Flow"}
+    mean = pro[pro["reference"] & (pro["class"] == "mean")]
+    assert mean["value"].tolist() == [94.6]
+
+
+def test_uflow_miou_figures_are_nfa_ones_and_the_others_likelihood_map_ones():
+    """U-Flow's own mIoU is its NFA segmentation's (miou_nfa_*); the figures its authors computed
+    for the other methods are on their likelihood maps (miou_fair / miou_oracle), and say which
+    threshold they used."""
+    published = load_published(PUBLISHED)
+    miou = published[published["metric"].str.startswith("miou")]
+    own = miou[miou["method"] == "uflow"]
+    assert set(own["metric"]) == {"miou_nfa_fair", "miou_nfa_oracle"} and own["note"].str.contains("NFA").all()
+    reference = own[own["reference"] & (own["class"] == "mean")].set_index("metric")["value"]
+    assert reference.to_dict() == {"miou_nfa_oracle": 54.53, "miou_nfa_fair": 54.08}
+    assert len(own[own["reference"] & (own["metric"] == "miou_nfa_fair")]) == 16  # the mean and 15 classes
+    others = miou[miou["method"] != "uflow"]
+    assert set(others["method"]) == {"fastflow", "cflow", "csflow"}
+    assert set(others["metric"]) == {"miou_fair", "miou_oracle"}
+    assert others["note"].str.contains("likelihood map").all() and not others["note"].str.contains("NFA =").any()
+    fair = others[(others["metric"] == "miou_fair") & ~others["source"].str.contains("v1")]
+    assert fair["note"].str.contains("one false-positive pixel per training image").all()
+    # CFlow-AD's paper has no mIoU: the U-Flow authors computed it, with a backbone they do not state.
+    assert (others[others["method"] == "cflow"]["backbone"] == "").all()
 
 
 @pytest.mark.parametrize("dataset, method, class_name, metric, value, kind", [
@@ -146,13 +183,16 @@ def fake_params(root: Path, methods=("msflow", "cflow", "csflow")) -> dict:
 
 
 def write_metrics(run: grid.GridRun, image: float, pixel: float = 0.9, best_image: float | None = None,
-                  pretrained: bool = True, pro_code: float = 0.85) -> None:
+                  pretrained: bool = True, pro_code: float = 0.85, final: dict[str, float] | None = None) -> None:
+    """A finished run's metrics.json as the loop writes it; ``final``: metrics of the final model only
+    (the mIoU, a method's extra_metrics), in "last" but in no epoch's row and with no best epoch."""
     run.out_dir.mkdir(parents=True, exist_ok=True)
     last = {"image_auroc": image, "pixel_auroc": pixel, "aupro": 0.8, "aupro_code": pro_code}
     best = {k: {"value": v, "epoch": 3} for k, v in last.items()}
     best["image_auroc"]["value"] = best_image if best_image is not None else image
     history = [{"epoch": 1, "loss": 1.0, "train_seconds": 2.0},
                {"epoch": 2, "loss": 0.5, "train_seconds": 4.0, "test_images_per_second": 10.0, **last}]
+    last = {**last, **(final or {})}
     (run.out_dir / "metrics.json").write_text(json.dumps({"last": last, "best": best, "history": history}))
     (run.out_dir / "record.json").write_text(json.dumps({
         "code": {"revision": "abc123"}, "config": {"settings": {"pretrained": pretrained}}}))
@@ -383,3 +423,23 @@ def test_tables_name_the_weights_their_runs_recorded():
             RunResult(None, weights=RANDOM_WEIGHTS, weight_labels=["resnet18.tv_in1k: random"], finished=True),
             RunResult(None, weight_labels=["never: finished"])]
     assert weights_in_use(runs) == f"resnet18.tv_in1k: random (1 runs); {lite0} (1 runs)"
+
+
+def test_runs_csv_carries_the_final_model_metrics(tmp_path):
+    """The mIoU (likelihood map and NFA) and CFlow's own PRO reach runs.csv from the runs' last
+    figures; having no best epoch, they have no "best" rows."""
+    from harness.verify import FINAL_MODEL_METRICS
+
+    params = fake_params(tmp_path, methods=("msflow", "cflow", "uflow"))
+    write_metrics(grid.main_run(params, "official", "mvtec_ad", "uflow", "bottle", 0), 0.9,
+                  final={"miou_fair": 0.2, "miou_oracle": 0.3, "miou_nfa_fair": 0.54, "miou_nfa_oracle": 0.55})
+    write_metrics(grid.main_run(params, "official", "mvtec_ad", "cflow", "bottle", 0), 0.9,
+                  final={"aupro_cflow": 0.946, "miou_fair": 0.25, "miou_oracle": 0.35})
+    write_report(tmp_path / "params.yaml")
+    runs = pd.read_csv(tmp_path / "results" / "runs.csv")
+    last = runs[runs["epoch_selection"] == "last"].set_index(["method", "metric"])["value"]
+    assert last[("uflow", "miou_nfa_fair")] == pytest.approx(54.0)
+    assert last[("uflow", "miou_nfa_oracle")] == pytest.approx(55.0)
+    assert last[("uflow", "miou_fair")] == pytest.approx(20.0)
+    assert last[("cflow", "aupro_cflow")] == pytest.approx(94.6)
+    assert not runs[(runs["epoch_selection"] == "best") & runs["metric"].isin(FINAL_MODEL_METRICS)].size
