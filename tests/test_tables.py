@@ -129,6 +129,11 @@ def test_uflow_miou_figures_are_nfa_ones_and_the_others_likelihood_map_ones():
     assert fair["note"].str.contains("one false-positive pixel per training image").all()
     # CFlow-AD's paper has no mIoU: the U-Flow authors computed it, with a backbone they do not state.
     assert (others[others["method"] == "cflow"]["backbone"] == "").all()
+    # The only mIoU published for them: the JMIV table's class means are their reference figures.
+    reference = others[others["reference"]]
+    assert sorted(zip(reference["method"], reference["class"], reference["metric"])) == sorted(
+        (m, "mean", k) for m in ("fastflow", "cflow", "csflow") for k in ("miou_fair", "miou_oracle"))
+    assert reference["source"].str.contains("JMIV 2024) Table 3", regex=False).all()
 
 
 @pytest.mark.parametrize("dataset, method, class_name, metric, value, kind", [
