@@ -242,7 +242,8 @@ def test_every_table_has_csv_and_latex_and_numeric_columns(tables):
     expected = {"summary_official", "summary_unified", "main_official_mvtec_ad", "main_official_mtd",
                 "msflow_mvtec_ad_per_class", "cost", "fusion_cost", "claims", *(f"ablation_{g}" for g in groups),
                 *(f"main_{p}_mvtec_ad_{m}" for p in ("official", "unified")
-                  for m in ("image_auroc", "pixel_auroc", "aupro", "aupro_code"))}
+                  for m in ("image_auroc", "pixel_auroc", "aupro", "aupro_code", "aupro_cflow")),
+                "main_official_mvtec_ad_miou"}
     assert expected <= names
     summary = (folder / "README.md").read_text()
     assert all(f"({name}.csv)" in summary for name in names)
@@ -324,9 +325,12 @@ def test_tidy_runs_csv_is_numeric(tables):
 
 
 @needs_latex
-def test_every_generated_and_committed_table_compiles_and_fits(tables, tmp_path):
+def test_every_generated_and_committed_table_compiles_and_fits(tables, own_metrics, tmp_path):
     _, folder, _ = tables
     generated = sorted(folder.glob("*.tex"))
+    for index, path in enumerate(sorted((own_metrics[1] / "tables").glob("*.tex"))):  # with figures in every cell
+        if re.search(r"miou|aupro_cflow", path.stem):
+            generated.append(shutil.copy(path, tmp_path / f"own_{index}_{path.name}"))
     committed = sorted((PROJECT / "results" / "tables").glob("*.tex"))
     assert committed, "results/tables holds no LaTeX"
     for index, path in enumerate(committed):  # same stems as the generated ones: keep both apart
@@ -430,21 +434,73 @@ def test_tables_name_the_weights_their_runs_recorded():
     assert weights_in_use(runs) == f"resnet18.tv_in1k: random (1 runs); {lite0} (1 runs)"
 
 
-def test_runs_csv_carries_the_final_model_metrics(tmp_path):
+@pytest.fixture(scope="module")
+def own_metrics(tmp_path_factory):
+    """U-Flow and CFlow runs with their final-model metrics (the mIoU, U-Flow's NFA mIoU, CFlow's
+    own PRO), verified and tabulated."""
+    tmp_path = tmp_path_factory.mktemp("own_metrics")
+    params = fake_params(tmp_path, methods=("msflow", "cflow", "uflow"))
+    for seed in (0, 1):
+        for class_name, nfa in (("bottle", 0.6564), ("screw", 0.3726)):
+            write_metrics(grid.main_run(params, "official", "mvtec_ad", "uflow", class_name, seed), 0.9,
+                          final={"miou_fair": 0.2, "miou_oracle": 0.3, "miou_nfa_fair": nfa + seed / 1000,
+                                 "miou_nfa_oracle": nfa + 0.01})
+            write_metrics(grid.main_run(params, "official", "mvtec_ad", "cflow", class_name, seed), 0.9,
+                          final={"aupro_cflow": 0.946, "miou_fair": 0.25, "miou_oracle": 0.35})
+    write_report(tmp_path / "params.yaml")
+    build_tables(tmp_path / "params.yaml")
+    return params, tmp_path
+
+
+def test_runs_csv_carries_the_final_model_metrics(own_metrics):
     """The mIoU (likelihood map and NFA) and CFlow's own PRO reach runs.csv from the runs' last
     figures; having no best epoch, they have no "best" rows."""
     from harness.verify import FINAL_MODEL_METRICS
 
-    params = fake_params(tmp_path, methods=("msflow", "cflow", "uflow"))
-    write_metrics(grid.main_run(params, "official", "mvtec_ad", "uflow", "bottle", 0), 0.9,
-                  final={"miou_fair": 0.2, "miou_oracle": 0.3, "miou_nfa_fair": 0.54, "miou_nfa_oracle": 0.55})
-    write_metrics(grid.main_run(params, "official", "mvtec_ad", "cflow", "bottle", 0), 0.9,
-                  final={"aupro_cflow": 0.946, "miou_fair": 0.25, "miou_oracle": 0.35})
-    write_report(tmp_path / "params.yaml")
+    _, tmp_path = own_metrics
     runs = pd.read_csv(tmp_path / "results" / "runs.csv")
-    last = runs[runs["epoch_selection"] == "last"].set_index(["method", "metric"])["value"]
-    assert last[("uflow", "miou_nfa_fair")] == pytest.approx(54.0)
-    assert last[("uflow", "miou_nfa_oracle")] == pytest.approx(55.0)
+    last = runs[(runs["epoch_selection"] == "last") & (runs["class"] == "bottle") & (runs["seed"] == 0)]
+    last = last.set_index(["method", "metric"])["value"]
+    assert last[("uflow", "miou_nfa_fair")] == pytest.approx(65.64)
+    assert last[("uflow", "miou_nfa_oracle")] == pytest.approx(66.64)
     assert last[("uflow", "miou_fair")] == pytest.approx(20.0)
     assert last[("cflow", "aupro_cflow")] == pytest.approx(94.6)
     assert not runs[(runs["epoch_selection"] == "best") & runs["metric"].isin(FINAL_MODEL_METRICS)].size
+
+
+def test_miou_tables_show_the_nfa_miou_next_to_the_likelihood_map_s(own_metrics):
+    _, tmp_path = own_metrics
+    folder = tmp_path / "tables"
+    cells = markdown_rows(folder, "main_official_mvtec_ad_miou")
+    uflow = [label for label in cells if label.startswith("U-Flow: ")]
+    assert uflow == ["U-Flow: mIoU (map, fair)", "U-Flow: mIoU (NFA, fair)", "U-Flow: mIoU (map, oracle)",
+                     "U-Flow: mIoU (NFA, oracle)"]
+    assert [label for label in cells if label.startswith("CFlow-AD: ")] == [
+        "CFlow-AD: mIoU (map, fair)", "CFlow-AD: mIoU (map, oracle)"]  # no NFA
+    # columns: ours last, published, delta, tolerance, verdict
+    assert cells["U-Flow: mIoU (map, fair)"][:2] == ["20.00 ± 0.00", NOT_PUBLISHED]
+    assert cells["U-Flow: mIoU (NFA, fair)"][0] == "51.50 ± 0.07"
+    assert re.fullmatch(r"54\.08 \([a-z]\)", cells["U-Flow: mIoU (NFA, fair)"][1])
+    assert re.fullmatch(r"54\.53 \([a-z]\)", cells["U-Flow: mIoU (NFA, oracle)"][1])
+    assert re.fullmatch(r"31\.77 \([a-z]\)", cells["CFlow-AD: mIoU (map, fair)"][1])
+    frame = pd.read_csv(folder / "main_official_mvtec_ad_miou.csv")
+    nfa = frame[(frame["method"] == "uflow") & (frame["metric"] == "mIoU (NFA, fair)")].iloc[0]
+    assert nfa["published"] == 54.08 and nfa["compared_at"] == "last"
+    assert nfa["verdict"] == "not comparable"  # the grid runs 2 of the 15 classes
+    # per class: each published figure beside our NFA mIoU, the likelihood map's before it
+    per_class = markdown_rows(folder, "uflow_mvtec_ad_miou_per_class")
+    assert per_class["bottle"][:2] == ["20.00 ± 0.00", "65.69 ± 0.07"]  # map fair, NFA fair
+    assert re.fullmatch(r"65\.64 \([a-z]\)", per_class["bottle"][2])
+    header = (folder / "uflow_mvtec_ad_miou_per_class.csv").read_text().splitlines()[0].split(",")
+    assert [c for c in header if c.endswith((" last", " published"))] == [
+        "miou_fair last", "miou_nfa_fair last", "miou_nfa_fair published", "miou_oracle last",
+        "miou_nfa_oracle last", "miou_nfa_oracle published"]
+    # CFlow's own PRO in its headline rows, compared with CFlow's published PRO
+    headline = markdown_rows(folder, "main_official_mvtec_ad")
+    assert headline["CFlow-AD: PRO (CFlow code)"][:2] == ["94.60 ± 0.00", NOT_PUBLISHED]  # no best epoch
+    assert re.fullmatch(r"94\.60 \([a-z]\)", headline["CFlow-AD: PRO (CFlow code)"][2])
+    assert headline["CFlow-AD: PRO (code)"][2] == NOT_PUBLISHED
+    assert "U-Flow: PRO (CFlow code)" not in headline
+    pro = read(folder, "main_official_mvtec_ad_aupro_cflow")
+    assert list(pro.columns) == ["cflow last", "cflow last std", "cflow last seeds", "cflow published"]
+    assert pro.loc["bottle", "cflow published"] == 96.8 and pro.loc["bottle", "cflow last"] == pytest.approx(94.6)
