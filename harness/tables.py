@@ -15,7 +15,11 @@ with the row labels. CSV files have one header row and numeric columns hold numb
 Tables (name -> what):
   summary_<protocol>                   class means of every method on every dataset
   main_official_<dataset>              headline figures next to published: delta, tolerance, verdict
-  main_<protocol>_<dataset>_<metric>   per class, every method (official: with published)
+  main_<protocol>_<dataset>_<metric>   per class, every method (official: with published); a method's own
+                                       metric (CFlow's aupro_cflow) with that method only
+  main_official_<dataset>_miou         mIoU class means against published: the likelihood map's of every
+                                       method, U-Flow's NFA segmentation's beside it
+  uflow_<dataset>_miou_per_class       U-Flow per class: likelihood-map and NFA mIoU side by side
   msflow_<dataset>_per_class           MSFlow per class: ours (last, best), README, the authors' log
   ablation_<group>                     one MSFlow ablation (msflow.md 9.4), a row per variant
   claims                               the paper's ablation claims with verdicts
@@ -37,7 +41,7 @@ import pandas as pd
 
 from harness import grid
 from harness.results import RunResult, Stat, class_mean_stat, collect, random_weight_runs, weights_in_use
-from harness.verify import FIGURE_VERDICTS, load_published, read_report
+from harness.verify import FIGURE_VERDICTS, FINAL_MODEL_METRICS, load_published, read_report
 
 NOT_RUN = "not run"
 NOT_PUBLISHED = "–"
@@ -46,10 +50,24 @@ DEMO_NOTICE = ("Demo: procedurally generated embedded data, tiny budgets. These 
 RANDOM_NOTICE = ("Random backbone weights in {n} of the runs: their figures test the pipeline and reproduce "
                  "nothing.")
 METRIC_LABELS = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "aupro": "AU-PRO (MVTec)",
-                 "aupro_code": "PRO (code)", "miou_fair": "mIoU (fair)", "miou_oracle": "mIoU (oracle)"}
-SHORT_METRIC = {"image_auroc": "Image", "pixel_auroc": "Pixel", "aupro": "AU-PRO", "aupro_code": "PRO (code)"}
+                 "aupro_code": "PRO (code)", "aupro_cflow": "PRO (CFlow code)",
+                 "miou_fair": "mIoU (map, fair)", "miou_oracle": "mIoU (map, oracle)",
+                 "miou_nfa_fair": "mIoU (NFA, fair)", "miou_nfa_oracle": "mIoU (NFA, oracle)"}
+SHORT_METRIC = {"image_auroc": "Image", "pixel_auroc": "Pixel", "aupro": "AU-PRO", "aupro_code": "PRO (code)",
+                "aupro_cflow": "PRO (CFlow)"}
 DATASET_METRICS = {"mtd": ["image_auroc"], "mstc": ["pixel_auroc", "image_auroc"]}
 DEFAULT_METRICS = ["image_auroc", "pixel_auroc", "aupro", "aupro_code"]
+# A method's own metrics (its extra_metrics), shown for that method only, on the datasets with the
+# localisation metrics (DEFAULT_METRICS): CFlow-AD's PRO in its own code's convention, the one its
+# published PRO figures use.
+METHOD_METRICS = {"cflow": ["aupro_cflow"]}
+# The mIoU tables (datasets with the localisation metrics): the likelihood map's mIoU of every
+# method and, for the methods with an a contrario (NFA) segmentation, the NFA one beside it.
+MIOU_METRICS = ["miou_fair", "miou_oracle"]
+MIOU_NFA = {"miou_fair": "miou_nfa_fair", "miou_oracle": "miou_nfa_oracle"}
+NFA_METHODS = ("uflow",)
+MIOU_COLUMNS = {"miou_fair": ("fair", "map"), "miou_nfa_fair": ("fair", "NFA"), "miou_oracle": ("oracle", "map"),
+                "miou_nfa_oracle": ("oracle", "NFA")}  # (group, column) in the per-class table
 METHOD_LABELS = {"msflow": "MSFlow", "cflow": "CFlow-AD", "fastflow": "FastFlow", "csflow": "CS-Flow",
                  "uflow": "U-Flow", "patchcore": "PatchCore"}
 # What fits: an article's \textwidth (345 pt at 10 pt), with a margin for the estimate.
@@ -192,14 +210,16 @@ def _chunks(table: Table, size: str) -> list[list[int]] | None:
         else:
             groups.append([i])
     chunks: list[list[int]] = [[]]
+    current = 0.0  # of the last chunk: its groups, each as wide as its columns or its header
     for members in groups:
         need = max(sum(widths[i] for i in members), _width(table.columns[members[0]][0], size))
         if label_w + need > TEXT_WIDTH_PT:
             return None
-        current = sum(widths[i] for i in chunks[-1])
         if chunks[-1] and label_w + current + need > TEXT_WIDTH_PT:
             chunks.append([])
+            current = 0.0
         chunks[-1].extend(members)
+        current += need
     return chunks
 
 
@@ -277,8 +297,17 @@ def write_table(table: Table, out: Path, notice: str) -> str:
 # --------------------------------------------------------------------------- the tables
 
 
-def _metrics_of(dataset: str) -> list[str]:
-    return DATASET_METRICS.get(dataset, DEFAULT_METRICS)
+def _metrics_of(dataset: str, method: str | None = None) -> list[str]:
+    """The metrics of a dataset's tables; with ``method``, that method's own metrics too."""
+    common = DATASET_METRICS.get(dataset, DEFAULT_METRICS)
+    if method is None or not _localisation(dataset):
+        return common
+    return [*common, *METHOD_METRICS.get(method, [])]
+
+
+def _localisation(dataset: str) -> bool:
+    """Whether a dataset's tables hold the localisation metrics (AU-PRO, and the mIoU tables)."""
+    return "aupro" in DATASET_METRICS.get(dataset, DEFAULT_METRICS)
 
 
 def _label(method: str) -> str:
@@ -334,6 +363,38 @@ def verdict_cell(check: dict, notes: Notes) -> str:
     return check["verdict"]
 
 
+def _comparison_rows(table: Table, notes: Notes, runs: list[RunResult], figures: pd.DataFrame,
+                     published: pd.DataFrame, dataset: str, method: str, class_name: str, metrics: list[str],
+                     with_best: bool = True) -> list[str]:
+    """One row per metric: ours (last, and best† with ``with_best``) against the reference published
+    figure with its delta, tolerance and verdict. Returns the labels of the final-model metrics shown."""
+    final = []
+    for metric in metrics:
+        last, best = class_mean_stat(runs, metric), class_mean_stat(runs, metric, "best")
+        check = _reference(figures, dataset, method, class_name, metric)
+        values = {"method": method, **_stat_values("last", last)}
+        ours = [cell(last)]
+        if with_best:
+            values.update(_stat_values("best", best))
+            ours.append(cell(best) if metric not in FINAL_MODEL_METRICS else NOT_PUBLISHED)
+        if metric in FINAL_MODEL_METRICS:  # no best epoch: computed on the final model only
+            final.append(METRIC_LABELS[metric])
+        if check is None:
+            cells = [*ours, NOT_PUBLISHED, NOT_PUBLISHED, NOT_PUBLISHED, "not published"]
+            values.update(published=math.nan, delta=math.nan, tolerance=math.nan, verdict="not published")
+        else:
+            mark = notes.mark(source_note(_published_row(published, check)))
+            cells = [*ours, f"{check['published']:.2f} ({mark})", _fmt(check["delta"], signed=True),
+                     _fmt(check["tolerance"]), verdict_cell(check, notes)]
+            values.update(published=check["published"], delta=check["delta"], tolerance=check["tolerance"],
+                          verdict=check["verdict"], compared_at=check["compared_at"])
+        table.add(METRIC_LABELS[metric], cells, values)
+    return final
+
+
+DELTA_NOTE = "Δ = ours - published at the published figure's epoch selection; tol. = max(0.5, 2 × seed std)."
+
+
 def headline_table(params: dict[str, Any], dataset: str, label: str, classes: list[str],
                    figures: pd.DataFrame, published: pd.DataFrame, results: list[RunResult]) -> Table:
     """The official protocol's class means next to each method's reference published figure."""
@@ -341,36 +402,101 @@ def headline_table(params: dict[str, Any], dataset: str, label: str, classes: li
     table = Table(f"main_official_{dataset}", f"{label}, official protocol: ours against the published figures",
                   "metric", [("ours", "last"), ("ours", "best†"), ("", "published"), ("", "Δ"), ("", "tol."),
                              ("", "verdict")])
+    notes, final = Notes(), []
+    for method in params.get("methods") or {}:
+        table.section(_label(method))
+        runs = _main_runs(results, grid.REFERENCE_PROTOCOL, dataset, method, class_name)
+        final += _comparison_rows(table, notes, runs, figures, published, dataset, method, class_name,
+                                  _metrics_of(dataset, method))
+    table.notes = [DELTA_NOTE, *notes.lines()]
+    if final:
+        table.notes.insert(1, f"{', '.join(dict.fromkeys(final))}: computed on the final model only (no best "
+                              "epoch), compared at the last epoch.")
+    return table
+
+
+def _miou_metrics(method: str) -> list[str]:
+    """The likelihood map's mIoU (every method), each followed by the NFA segmentation's where the
+    method has one (U-Flow): the fair figures side by side, then the oracle ones."""
+    nfa = method in NFA_METHODS
+    return [m for fair in MIOU_METRICS for m in (fair, *([MIOU_NFA[fair]] if nfa else []))]
+
+
+MIOU_NOTES = [
+    "mIoU: U-Flow's definition (all test images, 256x256), computed on the final model only (no best epoch), "
+    "so compared at the last epoch.",
+    "map: thresholds on the likelihood map, every method (fair: one false-positive pixel per training image on "
+    "average; oracle: the best threshold). NFA: U-Flow's a contrario segmentation (fair: log10 NFA = 0; oracle: "
+    "the best -log10 NFA threshold). U-Flow publishes the NFA figures for itself, the map figures for the others.",
+]
+
+
+def miou_table(params: dict[str, Any], dataset: str, label: str, classes: list[str],
+               figures: pd.DataFrame, published: pd.DataFrame, results: list[RunResult]) -> Table:
+    """The official protocol's class-mean mIoU of every method against the published figures, the
+    likelihood map's and, for U-Flow, the NFA segmentation's next to it."""
+    class_name = "mean" if len(classes) > 1 else classes[0]
+    table = Table(f"main_official_{dataset}_miou", f"{label}, official protocol: mIoU of the likelihood map "
+                  "and of U-Flow's NFA segmentation against the published figures", "metric",
+                  [("ours", "last"), ("", "published"), ("", "Δ"), ("", "tol."), ("", "verdict")])
     notes = Notes()
     for method in params.get("methods") or {}:
         table.section(_label(method))
         runs = _main_runs(results, grid.REFERENCE_PROTOCOL, dataset, method, class_name)
-        for metric in _metrics_of(dataset):
-            last, best = class_mean_stat(runs, metric), class_mean_stat(runs, metric, "best")
-            check = _reference(figures, dataset, method, class_name, metric)
-            values = {"method": method, **_stat_values("last", last), **_stat_values("best", best)}
-            if check is None:
-                cells = [cell(last), cell(best), NOT_PUBLISHED, NOT_PUBLISHED, NOT_PUBLISHED, "not published"]
-                values.update(published=math.nan, delta=math.nan, tolerance=math.nan, verdict="not published")
-            else:
-                mark = notes.mark(source_note(_published_row(published, check)))
-                cells = [cell(last), cell(best), f"{check['published']:.2f} ({mark})",
-                         _fmt(check["delta"], signed=True), _fmt(check["tolerance"]), verdict_cell(check, notes)]
-                values.update(published=check["published"], delta=check["delta"], tolerance=check["tolerance"],
-                              verdict=check["verdict"], compared_at=check["compared_at"])
-            table.add(METRIC_LABELS[metric], cells, values)
-    table.notes = ["Δ = ours - published at the published figure's epoch selection; tol. = max(0.5, 2 × seed "
-                   "std).", *notes.lines()]
+        _comparison_rows(table, notes, runs, figures, published, dataset, method, class_name,
+                         _miou_metrics(method), with_best=False)
+    table.notes = [DELTA_NOTE, *MIOU_NOTES, *notes.lines()]
     return table
+
+
+def nfa_miou_per_class_tables(params: dict[str, Any], dataset: str, label: str, classes: list[str],
+                              results: list[RunResult], figures: pd.DataFrame,
+                              published: pd.DataFrame) -> list[Table]:
+    """Per class, for each method with an NFA segmentation (U-Flow), official protocol: the
+    likelihood map's mIoU next to the NFA segmentation's, with the published figures."""
+    rows = [*classes, "mean"] if len(classes) > 1 else classes
+    tables = []
+    for method in (m for m in params.get("methods") or {} if m in NFA_METHODS):
+        metrics = _miou_metrics(method)
+        checks = {(c, m): _reference(figures, dataset, method, c, m) for c in rows for m in metrics}
+        shown = [m for m in metrics if any(checks[(c, m)] is not None for c in rows)]  # a "pub." column
+        table = Table(f"{method}_{dataset}_miou_per_class", f"{_label(method)} on {label}, official protocol: "
+                      "mIoU per class, likelihood map and NFA segmentation, final model", "class",
+                      [(group, c) for m in metrics for group, kind in [MIOU_COLUMNS[m]]
+                       for c in (kind, *([f"{kind} pub."] if m in shown else []))])
+        notes = Notes()
+        for class_name in rows:
+            runs = _main_runs(results, grid.REFERENCE_PROTOCOL, dataset, method, class_name)
+            cells, values = [], {}
+            for metric in metrics:
+                stat = class_mean_stat(runs, metric)
+                cells.append(cell(stat))
+                values.update(_stat_values(f"{metric} last", stat))
+                if metric in shown:
+                    check = checks[(class_name, metric)]
+                    if check is None:
+                        cells.append(NOT_PUBLISHED)
+                        values[f"{metric} published"] = math.nan
+                    else:
+                        cells.append(f"{check['published']:.2f} ({notes.mark(source_note(_published_row(published, check)))})")
+                        values[f"{metric} published"] = check["published"]
+            table.add(class_name, cells, values)
+        table.notes = [MIOU_NOTES[1], *notes.lines()]
+        tables.append(table)
+    return tables
 
 
 def per_class_tables(params: dict[str, Any], dataset: str, label: str, classes: list[str], protocol: str,
                      results: list[RunResult], figures: pd.DataFrame, published: pd.DataFrame) -> list[Table]:
-    methods = list(params.get("methods") or {})
+    every = list(params.get("methods") or {})
     official = protocol == grid.REFERENCE_PROTOCOL
     rows = [*classes, "mean"] if len(classes) > 1 else classes
     tables = []
-    for metric in _metrics_of(dataset):
+    # A method's own metric gets a table of its own, with the methods that compute it only.
+    own = list(dict.fromkeys(m for method in every for m in _metrics_of(dataset, method)
+                             if m not in _metrics_of(dataset)))
+    for metric in [*_metrics_of(dataset), *own]:
+        methods = [m for m in every if metric in _metrics_of(dataset, m)]
         table = Table(f"main_{protocol}_{dataset}_{metric}",
                       f"{label}, {protocol} protocol: {METRIC_LABELS[metric]} per class, last epoch", "class")
         table.columns = ([(_label(m), c) for m in methods for c in ("ours", "pub.")] if official
@@ -608,7 +734,8 @@ def _verification_section(figures: pd.DataFrame, claims: pd.DataFrame, summary: 
              f"`flowad verify` compared {counts['total']} published figures the grid covers: "
              + ", ".join(f"{counts[v.replace(' ', '_')]} {v}" for v in FIGURE_VERDICTS)
              + ". Rule: ours at the published figure's epoch selection (best epoch on the test set where the "
-             "paper reports it, else the last epoch), tolerance max(0.5, 2 × seed std) points; a figure whose "
+             "paper reports it, else the last epoch; the last epoch for what only the final model is evaluated "
+             "on: mIoU, CFlow's own PRO), tolerance max(0.5, 2 × seed std) points; a figure whose "
              "setting (backbone, input size, implementation) differs from ours is not comparable. All figures "
              "with their verdicts: [verify.csv](../verify.csv).", ""]
     head = figures[figures["reference"].astype(bool) & ((figures["class"] == "mean") | (figures["dataset"] == "mtd"))]
@@ -634,15 +761,23 @@ LEGEND = """## Legend
   metric on the test set, which is what the papers report (optimistic: the test set chooses the epoch).
 - **Image AUROC**: AUROC of the image scores. **Pixel AUROC**: AUROC over every test pixel.
 - **AU-PRO (MVTec)** (`aupro`): the MVTec convention: PRO integrated over FPR in [0, 0.3] and divided by 0.3.
-  **PRO (code)** (`aupro_code`): the MSFlow / CFlow code convention: equal score thresholds (800 in MSFlow's
-  code), the FPRs below 0.3 kept and min-max rescaled to [0, 1]. The two are not interchangeable.
-- **mIoU**: U-Flow's per-image IoU averaged over the test images, at its automatic threshold (fair) and at
-  the best threshold (oracle).
+  **PRO (code)** (`aupro_code`): the MSFlow code convention: 800 equal score thresholds rising from the minimum,
+  the FPRs below 0.3 kept and min-max rescaled to [0, 1]. **PRO (CFlow code)** (`aupro_cflow`, CFlow-AD only,
+  final model): CFlow-AD's own code, the convention of its published PRO: 1000 thresholds descending from the
+  maximum, FPR <= 0.3 kept and rescaled as in the MSFlow code, a region's overlap counted on its hole-filled
+  shape but divided by its own area. The three are not interchangeable.
+- **mIoU**: U-Flow's definition, per-image IoU averaged over all test images (defect-free ones included), at
+  256x256, final model. **mIoU (map, fair / oracle)** (`miou_fair`, `miou_oracle`): thresholds on the
+  likelihood (anomaly) map, every method: fair = one false-positive pixel per training image on average (U-Flow's
+  rule for methods without an automatic threshold), oracle = the best of 1000 thresholds. **mIoU (NFA, fair /
+  oracle)** (`miou_nfa_fair`, `miou_nfa_oracle`, U-Flow only): U-Flow's a contrario segmentation, at its
+  automatic threshold log10 NFA = 0 and at the best of -log10 NFA = -400 ... 1000. U-Flow publishes the NFA
+  figures for itself and the likelihood-map ones for the other methods.
 - **pub.**, **published**, **paper**: a published figure, with a note letter naming its source, who computed
   it (own paper, own README, own log, other paper, third-party code, derived) and its setting (backbone,
   input size, epoch selection). **log**: the MSFlow authors' shipped training log (last and best epoch).
-- **Δ**: ours minus published, at the published figure's epoch selection, shown only where the setting matches
-  ours. **tol.**: the tolerance of the verdict, max(0.5, 2 × seed standard deviation) points.
+- **Δ**: ours minus published, at the published figure's epoch selection (at the last epoch for what only the
+  final model is evaluated on: mIoU, PRO (CFlow code)), shown only where the setting matches ours. **tol.**: the tolerance of the verdict, max(0.5, 2 × seed standard deviation) points.
 - **Verdicts**: reproduced (within the tolerance), lower, higher, not comparable (the setting differs, with the
   reason), not run. Claims: holds, contradicted, within tolerance, not comparable, not run.
 - **±**: standard deviation over seeds of the class mean. **[k/n]**: a mean over k of the n classes the grid
@@ -672,6 +807,9 @@ def build_tables(params_path: Path | str = grid.PARAMS, out: Path | None = None)
         tables.append(headline_table(params, dataset, label, classes, figures, published, results))
         for protocol in params.get("protocols") or {}:
             tables += per_class_tables(params, dataset, label, classes, protocol, results, figures, published)
+        if _localisation(dataset):
+            tables.append(miou_table(params, dataset, label, classes, figures, published, results))
+            tables += nfa_miou_per_class_tables(params, dataset, label, classes, results, figures, published)
     tables += msflow_tables(params, results, published)
     tables += ablation_tables(params, results, published)
     if len(claims):

@@ -5,9 +5,11 @@ Figures. Ours are the official-protocol runs (each method with its published set
 ± standard deviation over seeds of the class mean (or of one class). A published figure is
 compared with ours at its own epoch selection: a per-metric best epoch on the test set (what the
 papers report) with our best epoch, a last-epoch or unstated one with our last epoch; both of ours
-are always reported. It is comparable only where its setting matches ours: the backbone must be
-stated and equal, the input size equal where stated; another implementation's figure, random
-backbone weights, or a mean over other classes are not comparable either.
+are always reported. A metric computed on the final model only (FINAL_MODEL_METRICS: the mIoU,
+CFlow's own PRO) has no best epoch and is compared at our last epoch. It is comparable only where
+its setting matches ours: the backbone must be stated and equal, the input size equal where
+stated; another implementation's figure, random backbone weights, or a mean over other classes
+are not comparable either.
 
 Tolerance. max(FLOOR, K x the seed standard deviation), in points (x100): FLOOR = 0.5 (published
 figures are rounded to 0.1 and one seed's spread is unknown), K = 2. For a difference of two of
@@ -57,7 +59,14 @@ SOURCE_KINDS = {
 }
 PUBLISHED_COLUMNS = ["dataset", "method", "class", "metric", "value", "epoch_selection", "source_kind", "backbone",
                      "input_size", "setting", "reference", "source", "note"]
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "aupro_code", "miou_fair", "miou_oracle")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "aupro_code", "aupro_cflow", "miou_fair", "miou_oracle",
+           "miou_nfa_fair", "miou_nfa_oracle")
+# Computed once, on the final model (harness.train: the loop's mIoU and a method's extra_metrics),
+# so a run has no best epoch for them: they are compared at the last epoch whatever the published
+# figure's epoch selection, and the reason says so. aupro_cflow: CFlow's PRO in its own code's
+# convention; miou_fair / miou_oracle: the likelihood map's mIoU (every method);
+# miou_nfa_fair / miou_nfa_oracle: U-Flow's a contrario (NFA) segmentation.
+FINAL_MODEL_METRICS = ("aupro_cflow", "miou_fair", "miou_oracle", "miou_nfa_fair", "miou_nfa_oracle")
 FIGURES_FILE, CLAIMS_FILE, SUMMARY_FILE, RUNS_FILE = "verify.csv", "verify_claims.csv", "verify.json", "runs.csv"
 
 
@@ -193,7 +202,8 @@ def check_figures(params: dict[str, Any], results: list[RunResult], published: p
         last, best = class_mean_stat(runs, metric), class_mean_stat(runs, metric, "best")
         check.ours_last, check.ours_last_std, check.ours_best, check.ours_best_std = last.mean, last.std, best.mean, best.std
         check.seeds = last.seeds
-        check.compared_at = "best" if row["epoch_selection"] == "best" else "last"
+        final_only = metric in FINAL_MODEL_METRICS
+        check.compared_at = "best" if row["epoch_selection"] == "best" and not final_only else "last"
         stat = best if check.compared_at == "best" else last
         key = (dataset, method, class_name if class_name != "mean" else "")
         if key not in settings:
@@ -215,6 +225,8 @@ def check_figures(params: dict[str, Any], results: list[RunResult], published: p
             check.tolerance = tolerance(stat.std)
             check.verdict = figure_verdict(stat.mean, check.published, check.tolerance)
             check.reason = f"{check.compared_at} epoch vs published {row['epoch_selection']}"
+            if final_only:
+                check.reason += " (computed on the final model only)"
         checks.append(check)
     return checks
 

@@ -16,6 +16,7 @@ import yaml
 
 from harness import grid
 from harness.profile import method_info
+from methods.registry import create_method
 from harness.tables import DEMO_NOTICE, NOT_PUBLISHED, NOT_RUN, build_tables, label_text, latex_escape
 from harness.verify import SOURCE_KINDS, load_published, write_report
 
@@ -88,11 +89,53 @@ def test_every_published_row_has_a_source_kind_setting_and_a_number():
     reference = published[published["reference"]]
     assert not reference.duplicated(["dataset", "method", "class", "metric"]).any()
     # CFlow's PRO figures (its own table and U-Flow's copy of it) carry one convention label.
-    assert set(published[published["method"] == "cflow"]["metric"]) <= {"image_auroc", "pixel_auroc", "aupro_code",
+    assert set(published[published["method"] == "cflow"]["metric"]) <= {"image_auroc", "pixel_auroc", "aupro_cflow",
                                                                          "miou_fair", "miou_oracle"} | {
         m for m in published[published["source_kind"] == "third-party code"]["metric"]}
-    assert not ((published["method"] == "cflow") & (published["metric"] == "aupro")
+    assert not ((published["method"] == "cflow") & published["metric"].isin(["aupro", "aupro_code"])
                 & (published["source_kind"] != "third-party code")).any()
+
+
+CFLOW_PRO_LABEL = "PRO in CFlow-AD's own code convention (column aupro_cflow:"
+
+
+def test_cflow_pro_figures_are_in_cflow_s_own_convention():
+    """Every published CFlow PRO figure (CFlow's Table 3, U-Flow's copy of it) is compared with our
+    aupro_cflow and names that one convention."""
+    published = load_published(PUBLISHED)
+    cflow = published[published["method"] == "cflow"]
+    pro = cflow[cflow["metric"].str.contains("pro")]
+    assert len(pro) == 32 and set(pro["metric"]) == {"aupro_cflow"}
+    assert pro["note"].str.contains(CFLOW_PRO_LABEL, regex=False).all()
+    assert set(pro["source"].str.extract(r"^(CFlow-AD paper|U-Flow)")[0]) == {"CFlow-AD paper", "U-Flow"}
+    mean = pro[pro["reference"] & (pro["class"] == "mean")]
+    assert mean["value"].tolist() == [94.6]
+
+
+def test_uflow_miou_figures_are_nfa_ones_and_the_others_likelihood_map_ones():
+    """U-Flow's own mIoU is its NFA segmentation's (miou_nfa_*); the figures its authors computed
+    for the other methods are on their likelihood maps (miou_fair / miou_oracle), and say which
+    threshold they used."""
+    published = load_published(PUBLISHED)
+    miou = published[published["metric"].str.startswith("miou")]
+    own = miou[miou["method"] == "uflow"]
+    assert set(own["metric"]) == {"miou_nfa_fair", "miou_nfa_oracle"} and own["note"].str.contains("NFA").all()
+    reference = own[own["reference"] & (own["class"] == "mean")].set_index("metric")["value"]
+    assert reference.to_dict() == {"miou_nfa_oracle": 54.53, "miou_nfa_fair": 54.08}
+    assert len(own[own["reference"] & (own["metric"] == "miou_nfa_fair")]) == 16  # the mean and 15 classes
+    others = miou[miou["method"] != "uflow"]
+    assert set(others["method"]) == {"fastflow", "cflow", "csflow"}
+    assert set(others["metric"]) == {"miou_fair", "miou_oracle"}
+    assert others["note"].str.contains("likelihood map").all() and not others["note"].str.contains("NFA =").any()
+    fair = others[(others["metric"] == "miou_fair") & ~others["source"].str.contains("v1")]
+    assert fair["note"].str.contains("one false-positive pixel per training image").all()
+    # CFlow-AD's paper has no mIoU: the U-Flow authors computed it, with a backbone they do not state.
+    assert (others[others["method"] == "cflow"]["backbone"] == "").all()
+    # The only mIoU published for them: the JMIV table's class means are their reference figures.
+    reference = others[others["reference"]]
+    assert sorted(zip(reference["method"], reference["class"], reference["metric"])) == sorted(
+        (m, "mean", k) for m in ("fastflow", "cflow", "csflow") for k in ("miou_fair", "miou_oracle"))
+    assert reference["source"].str.contains("JMIV 2024) Table 3", regex=False).all()
 
 
 @pytest.mark.parametrize("dataset, method, class_name, metric, value, kind", [
@@ -147,15 +190,19 @@ def fake_params(root: Path, methods=("msflow", "cflow", "csflow")) -> dict:
 
 
 def write_metrics(run: grid.GridRun, image: float, pixel: float = 0.9, best_image: float | None = None,
-                  pretrained: bool = True, pro_code: float = 0.85) -> None:
+                  pretrained: bool = True, pro_code: float = 0.85, final: dict[str, float] | None = None) -> None:
+    """A finished run's metrics.json as the loop writes it; ``final``: metrics of the final model only
+    (the mIoU, a method's extra_metrics), in "last" but in no epoch's row and with no best epoch."""
     run.out_dir.mkdir(parents=True, exist_ok=True)
     last = {"image_auroc": image, "pixel_auroc": pixel, "aupro": 0.8, "aupro_code": pro_code}
     best = {k: {"value": v, "epoch": 3} for k, v in last.items()}
     best["image_auroc"]["value"] = best_image if best_image is not None else image
     history = [{"epoch": 1, "loss": 1.0, "train_seconds": 2.0},
                {"epoch": 2, "loss": 0.5, "train_seconds": 4.0, "test_images_per_second": 10.0, **last}]
+    last = {**last, **(final or {})}
+    size = list(create_method(run.method).input_size_for(run.class_name))  # the method's own input size
     (run.out_dir / "metrics.json").write_text(json.dumps({"last": last, "best": best, "history": history,
-                                                          "image_size": [512, 512]}))
+                                                          "image_size": size}))
     (run.out_dir / "record.json").write_text(json.dumps({
         "code": {"revision": "abc123"}, "config": {"settings": {"pretrained": pretrained}}}))
 
@@ -196,7 +243,8 @@ def test_every_table_has_csv_and_latex_and_numeric_columns(tables):
     expected = {"summary_official", "summary_unified", "main_official_mvtec_ad", "main_official_mtd",
                 "msflow_mvtec_ad_per_class", "cost", "fusion_cost", "claims", *(f"ablation_{g}" for g in groups),
                 *(f"main_{p}_mvtec_ad_{m}" for p in ("official", "unified")
-                  for m in ("image_auroc", "pixel_auroc", "aupro", "aupro_code"))}
+                  for m in ("image_auroc", "pixel_auroc", "aupro", "aupro_code", "aupro_cflow")),
+                "main_official_mvtec_ad_miou"}
     assert expected <= names
     summary = (folder / "README.md").read_text()
     assert all(f"({name}.csv)" in summary for name in names)
@@ -283,9 +331,12 @@ def test_tidy_runs_csv_is_numeric(tables):
 
 
 @needs_latex
-def test_every_generated_and_committed_table_compiles_and_fits(tables, tmp_path):
+def test_every_generated_and_committed_table_compiles_and_fits(tables, own_metrics, tmp_path):
     _, folder, _ = tables
     generated = sorted(folder.glob("*.tex"))
+    for index, path in enumerate(sorted((own_metrics[1] / "tables").glob("*.tex"))):  # with figures in every cell
+        if re.search(r"miou|aupro_cflow", path.stem):
+            generated.append(shutil.copy(path, tmp_path / f"own_{index}_{path.name}"))
     committed = sorted((PROJECT / "results" / "tables").glob("*.tex"))
     assert committed, "results/tables holds no LaTeX"
     for index, path in enumerate(committed):  # same stems as the generated ones: keep both apart
@@ -387,3 +438,75 @@ def test_tables_name_the_weights_their_runs_recorded():
             RunResult(None, weights=RANDOM_WEIGHTS, weight_labels=["resnet18.tv_in1k: random"], finished=True),
             RunResult(None, weight_labels=["never: finished"])]
     assert weights_in_use(runs) == f"resnet18.tv_in1k: random (1 runs); {lite0} (1 runs)"
+
+
+@pytest.fixture(scope="module")
+def own_metrics(tmp_path_factory):
+    """U-Flow and CFlow runs with their final-model metrics (the mIoU, U-Flow's NFA mIoU, CFlow's
+    own PRO), verified and tabulated."""
+    tmp_path = tmp_path_factory.mktemp("own_metrics")
+    params = fake_params(tmp_path, methods=("msflow", "cflow", "uflow"))
+    for seed in (0, 1):
+        for class_name, nfa in (("bottle", 0.6564), ("screw", 0.3726)):
+            write_metrics(grid.main_run(params, "official", "mvtec_ad", "uflow", class_name, seed), 0.9,
+                          final={"miou_fair": 0.2, "miou_oracle": 0.3, "miou_nfa_fair": nfa + seed / 1000,
+                                 "miou_nfa_oracle": nfa + 0.01})
+            write_metrics(grid.main_run(params, "official", "mvtec_ad", "cflow", class_name, seed), 0.9,
+                          final={"aupro_cflow": 0.946, "miou_fair": 0.25, "miou_oracle": 0.35})
+    write_report(tmp_path / "params.yaml")
+    build_tables(tmp_path / "params.yaml")
+    return params, tmp_path
+
+
+def test_runs_csv_carries_the_final_model_metrics(own_metrics):
+    """The mIoU (likelihood map and NFA) and CFlow's own PRO reach runs.csv from the runs' last
+    figures; having no best epoch, they have no "best" rows."""
+    from harness.verify import FINAL_MODEL_METRICS
+
+    _, tmp_path = own_metrics
+    runs = pd.read_csv(tmp_path / "results" / "runs.csv")
+    last = runs[(runs["epoch_selection"] == "last") & (runs["class"] == "bottle") & (runs["seed"] == 0)]
+    last = last.set_index(["method", "metric"])["value"]
+    assert last[("uflow", "miou_nfa_fair")] == pytest.approx(65.64)
+    assert last[("uflow", "miou_nfa_oracle")] == pytest.approx(66.64)
+    assert last[("uflow", "miou_fair")] == pytest.approx(20.0)
+    assert last[("cflow", "aupro_cflow")] == pytest.approx(94.6)
+    assert not runs[(runs["epoch_selection"] == "best") & runs["metric"].isin(FINAL_MODEL_METRICS)].size
+
+
+def test_miou_tables_show_the_nfa_miou_next_to_the_likelihood_map_s(own_metrics):
+    _, tmp_path = own_metrics
+    folder = tmp_path / "tables"
+    cells = markdown_rows(folder, "main_official_mvtec_ad_miou")
+    uflow = [label for label in cells if label.startswith("U-Flow: ")]
+    assert uflow == ["U-Flow: mIoU (map, fair)", "U-Flow: mIoU (NFA, fair)", "U-Flow: mIoU (map, oracle)",
+                     "U-Flow: mIoU (NFA, oracle)"]
+    assert [label for label in cells if label.startswith("CFlow-AD: ")] == [
+        "CFlow-AD: mIoU (map, fair)", "CFlow-AD: mIoU (map, oracle)"]  # no NFA
+    # columns: ours last, published, delta, tolerance, verdict
+    assert cells["U-Flow: mIoU (map, fair)"][:2] == ["20.00 ± 0.00", NOT_PUBLISHED]
+    assert cells["U-Flow: mIoU (NFA, fair)"][0] == "51.50 ± 0.07"
+    assert re.fullmatch(r"54\.08 \([a-z]\)", cells["U-Flow: mIoU (NFA, fair)"][1])
+    assert re.fullmatch(r"54\.53 \([a-z]\)", cells["U-Flow: mIoU (NFA, oracle)"][1])
+    assert re.fullmatch(r"31\.77 \([a-z]\)", cells["CFlow-AD: mIoU (map, fair)"][1])
+    frame = pd.read_csv(folder / "main_official_mvtec_ad_miou.csv")
+    nfa = frame[(frame["method"] == "uflow") & (frame["metric"] == "mIoU (NFA, fair)")].iloc[0]
+    assert nfa["published"] == 54.08 and nfa["compared_at"] == "last"
+    assert nfa["verdict"] == "not comparable"  # the grid runs 2 of the 15 classes
+    # per class: each published figure beside our NFA mIoU, the likelihood map's before it
+    per_class = markdown_rows(folder, "uflow_mvtec_ad_miou_per_class")
+    assert per_class["bottle"][:2] == ["20.00 ± 0.00", "65.69 ± 0.07"]  # map fair, NFA fair
+    assert re.fullmatch(r"65\.64 \([a-z]\)", per_class["bottle"][2])
+    header = (folder / "uflow_mvtec_ad_miou_per_class.csv").read_text().splitlines()[0].split(",")
+    assert [c for c in header if c.endswith((" last", " published"))] == [
+        "miou_fair last", "miou_nfa_fair last", "miou_nfa_fair published", "miou_oracle last",
+        "miou_nfa_oracle last", "miou_nfa_oracle published"]
+    # CFlow's own PRO in its headline rows, compared with CFlow's published PRO
+    headline = markdown_rows(folder, "main_official_mvtec_ad")
+    assert headline["CFlow-AD: PRO (CFlow code)"][:2] == ["94.60 ± 0.00", NOT_PUBLISHED]  # no best epoch
+    assert re.fullmatch(r"94\.60 \([a-z]\)", headline["CFlow-AD: PRO (CFlow code)"][2])
+    assert headline["CFlow-AD: PRO (code)"][2] == NOT_PUBLISHED
+    assert "U-Flow: PRO (CFlow code)" not in headline
+    pro = read(folder, "main_official_mvtec_ad_aupro_cflow")
+    assert list(pro.columns) == ["cflow last", "cflow last std", "cflow last seeds", "cflow published"]
+    assert pro.loc["bottle", "cflow published"] == 96.8 and pro.loc["bottle", "cflow last"] == pytest.approx(94.6)

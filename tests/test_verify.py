@@ -11,21 +11,22 @@ import pytest
 import yaml
 
 from harness import grid
-from harness.verify import FLOOR, check_claims, combine, figure_verdict, tolerance, verify
+from harness.verify import FINAL_MODEL_METRICS, FLOOR, METRICS, check_claims, combine, figure_verdict, tolerance, verify
 from test_tables import PROJECT, PUBLISHED, write_metrics
 
 MVTEC = ["carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
          "screw", "toothbrush", "transistor", "zipper"]
 
 
-def params_for(root: Path, classes: list[str], ablation_classes: list[str]) -> dict:
+def params_for(root: Path, classes: list[str], ablation_classes: list[str],
+               methods: tuple[str, ...] = ("msflow", "cflow")) -> dict:
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["paths"] = {"code": str(PROJECT), "data": str(root / "data"), "runs": str(root / "runs"),
                        "published": str(PUBLISHED), "results": str(root / "results"), "tables": str(root / "tables")}
     params["datasets"]["mvtec_ad"]["classes"] = classes
     params["datasets"]["mtd"]["classes"] = ["magnetic_tile"]
     params["datasets"]["mstc"]["classes"] = []
-    params["methods"] = {m: params["methods"][m] for m in ("msflow", "cflow")}
+    params["methods"] = {m: params["methods"][m] for m in methods}
     params["seeds"] = [0, 1]
     params["ablations"]["classes"] = ablation_classes
     return params
@@ -152,3 +153,84 @@ def test_fusion_flow_costs_against_cross_scale_flows():
     assert cost["fusion_flow"]["gmacs"] == pytest.approx(9.1, abs=0.05)
     assert cost["parallel_flows"]["parameters"] + cost["fusion_flow"]["parameters"] == 99_556_224
     assert cost["cross_scale_flow"]["gmacs"] > 10 * cost["fusion_flow"]["gmacs"]
+
+
+# U-Flow's published mIoU per class at log10 NFA = 0 (baselines.md 6.5); their mean is 54.08.
+UFLOW_NFA_FAIR = {"carpet": 56.63, "grid": 43.07, "leather": 41.83, "tile": 61.88, "wood": 54.27, "bottle": 65.64,
+                  "cable": 64.91, "capsule": 41.24, "hazelnut": 65.11, "metal_nut": 62.67, "pill": 48.03,
+                  "screw": 37.26, "toothbrush": 41.21, "transistor": 73.54, "zipper": 53.95}
+# CFlow-AD's published PRO per class (its Table 3, its own code's convention); their mean is 94.60.
+CFLOW_PRO = {"carpet": 97.70, "grid": 96.08, "leather": 99.35, "tile": 94.34, "wood": 95.79, "bottle": 96.80,
+             "cable": 93.53, "capsule": 93.40, "hazelnut": 96.68, "metal_nut": 91.65, "pill": 95.39, "screw": 95.30,
+             "toothbrush": 95.06, "transistor": 81.40, "zipper": 96.60}
+
+
+@pytest.fixture(scope="module")
+def own_conventions(tmp_path_factory):
+    """U-Flow runs whose NFA mIoU matches U-Flow's published figures and whose likelihood-map mIoU
+    is far from them; CFlow runs whose own-convention PRO matches CFlow's and whose MSFlow-code PRO
+    does not. Both are final-model metrics: in "last" only, as the loop writes them."""
+    root = tmp_path_factory.mktemp("own_conventions")
+    params = params_for(root, MVTEC, [], methods=("cflow", "uflow"))
+    for seed in (0, 1):
+        shift = (2 * seed - 1) / 1000  # seeds 0.1 below and above: std 0.14, tolerance the floor
+        for class_name in MVTEC:
+            nfa = UFLOW_NFA_FAIR[class_name] / 100 + shift
+            write_metrics(grid.main_run(params, "official", "mvtec_ad", "uflow", class_name, seed), 0.98,
+                          final={"miou_nfa_fair": nfa, "miou_nfa_oracle": nfa + 0.0045,
+                                 "miou_fair": 0.10, "miou_oracle": 0.20, "nfa_oracle_threshold": 3.0})
+            write_metrics(grid.main_run(params, "official", "mvtec_ad", "cflow", class_name, seed), 0.98,
+                          pro_code=0.50, final={"aupro_cflow": CFLOW_PRO[class_name] / 100 + shift,
+                                                "miou_fair": 0.30, "miou_oracle": 0.40})
+    return params, verify(params)
+
+
+def _checks(report, method, metric, class_name="mean"):
+    return [c for c in report.figures if (c.dataset, c.method, c.class_name, c.metric)
+            == ("mvtec_ad", method, class_name, metric)]
+
+
+def test_uflow_published_miou_is_compared_with_our_nfa_miou(own_conventions):
+    _, report = own_conventions
+    fair = _figure(report, "mvtec_ad", "uflow", "mean", "miou_nfa_fair")
+    assert fair.published == 54.08 and fair.ours_last == pytest.approx(54.0827, abs=1e-3)
+    assert fair.verdict == "reproduced", fair
+    # Computed on the final model only: no best epoch, so compared at the last one, and said so.
+    assert fair.compared_at == "last" and math.isnan(fair.ours_best)
+    assert fair.reason == "last epoch vs published best (computed on the final model only)"
+    oracle = _figure(report, "mvtec_ad", "uflow", "mean", "miou_nfa_oracle")
+    assert oracle.published == 54.53 and oracle.verdict == "reproduced", oracle
+    screw = _figure(report, "mvtec_ad", "uflow", "screw", "miou_nfa_fair")
+    assert screw.published == 37.26 and screw.verdict == "reproduced"
+    # Our likelihood-map mIoU (10 and 20) is no U-Flow figure: nothing published is compared with it.
+    assert not [c for c in report.figures if c.method == "uflow" and c.metric in ("miou_fair", "miou_oracle")]
+
+
+def test_the_other_methods_u_flow_miou_is_compared_with_their_likelihood_map_miou(own_conventions):
+    _, report = own_conventions
+    # U-Flow's mIoU table for CFlow: computed by the U-Flow authors with a backbone they do not state.
+    cflow = _checks(report, "cflow", "miou_fair")
+    assert {c.published for c in cflow} == {31.77, 28.4}
+    assert [c.ours_last for c in cflow] == pytest.approx([30.0, 30.0])
+    assert {c.verdict for c in cflow} == {"not comparable"}
+    assert not _checks(report, "cflow", "miou_nfa_fair")
+
+
+def test_cflow_published_pro_is_compared_with_our_cflow_convention_pro(own_conventions):
+    _, report = own_conventions
+    pro = _figure(report, "mvtec_ad", "cflow", "mean", "aupro_cflow")
+    assert pro.published == 94.6 and pro.ours_last == pytest.approx(94.605, abs=1e-3)
+    assert pro.verdict == "reproduced" and pro.compared_at == "last", pro
+    transistor = _figure(report, "mvtec_ad", "cflow", "transistor", "aupro_cflow")
+    assert transistor.published == 81.4 and transistor.verdict == "reproduced"
+    # Our MSFlow-code PRO (50) is not what CFlow published: no CFlow figure is compared with it.
+    assert not [c for c in report.figures if c.method == "cflow" and c.metric == "aupro_code"]
+    copies = _checks(report, "cflow", "aupro_cflow")  # CFlow's table and U-Flow's copy of it
+    assert len(copies) == 2 and {c.verdict for c in copies} == {"reproduced"}
+
+
+def test_final_model_metrics_are_the_ones_the_loop_computes_once():
+    from harness.train import EVAL_METRICS
+
+    assert set(FINAL_MODEL_METRICS) <= set(METRICS)
+    assert set(METRICS) - set(FINAL_MODEL_METRICS) == set(EVAL_METRICS)
