@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training runs sharing one GPU, after a check that their memory fits (default 1)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: on this machine (default); slurm: one SLURM job per run, via submitit")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="start every stage in a fresh interpreter (default: local stages are forked from one "
+                        "that holds the heavy imports)")
     cluster = p.add_argument_group("SLURM (--executor slurm; defaults from params.yaml runtime.slurm)")
     cluster.add_argument("--partition")
     cluster.add_argument("--account")
@@ -260,7 +263,7 @@ def cmd_repro(args: argparse.Namespace) -> None:
         raise HarnessError("--jobs and --gpus are for the local executor: on SLURM, --max-jobs and "
                            "--gpus-per-run say how many runs at once and on what")
     reproduce(args.project, jobs=args.jobs, gpus=gpus, progress=not args.quiet, runs_per_gpu=args.runs_per_gpu,
-              executor=args.executor, slurm=slurm)
+              executor=args.executor, slurm=slurm, warm_start=args.warm_start)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ With ``runs_per_gpu`` K > 1, K stages share one GPU, once their memory has been 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -235,10 +236,13 @@ def reproduce_data(project: Path, progress: bool = True) -> None:
 
 
 def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: bool = True,
-              runs_per_gpu: int = 1, executor: str = "local", slurm: dict | None = None) -> None:
+              runs_per_gpu: int = 1, executor: str = "local", slurm: dict | None = None,
+              warm_start: bool = True) -> None:
     """Bring every stage of the project's pipeline up to date, ``jobs`` training runs at a time
     (``runs_per_gpu`` per GPU), on this machine (``executor="local"``) or as SLURM jobs
-    (``executor="slurm"``, settings ``slurm`` over params.yaml ``runtime.slurm``: harness.slurm)."""
+    (``executor="slurm"``, settings ``slurm`` over params.yaml ``runtime.slurm``: harness.slurm).
+    Locally, ``warm_start`` serves the stages' ``python -m harness`` commands from one interpreter
+    that holds the heavy imports (harness.warmstart); a SLURM job starts its own."""
     project = Path(project)
     if executor not in EXECUTORS:
         raise HarnessError(f"--executor {executor}: use one of {', '.join(EXECUTORS)}")
@@ -248,7 +252,15 @@ def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: 
         reproduce_data(project, progress)
         cluster.run_pending(project, cluster.load_settings(project, slurm or {}), runs_per_gpu=runs_per_gpu,
                             progress=progress)
-    else:
+        _reproduce_rest(project, dvc_environment(), progress)
+        return
+    server = contextlib.nullcontext()
+    if warm_start:
+        from harness import warmstart
+
+        (project / LOGS).mkdir(parents=True, exist_ok=True)
+        server = warmstart.server(log=project / LOGS / "warm-server.log")
+    with server:
         workers = make_workers(jobs, gpus, runs_per_gpu=runs_per_gpu)
         if jobs > 1 or runs_per_gpu > 1:
             reproduce_data(project, progress)
@@ -257,7 +269,11 @@ def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: 
                 at_once = sum(w.runs_per_gpu for w in workers)
                 print(f"{len(pending)} training runs to do, {at_once} at a time", flush=True)
             run_parallel(project, pending, workers, progress=progress)
-    env = make_workers(1, gpus)[0].environment() if gpus and executor == "local" else dvc_environment()
+        _reproduce_rest(project, make_workers(1, gpus)[0].environment() if gpus else dvc_environment(), progress)
+
+
+def _reproduce_rest(project: Path, env: dict[str, str], progress: bool) -> None:
+    """Step 3: a plain ``dvc repro``."""
     rest = _dvc(["repro"], project, env, capture=not progress)
     if rest.returncode != 0:
         raise _failed("`dvc repro`", project, rest)

@@ -221,7 +221,12 @@ def _preload(modules: tuple[str, ...]) -> str | None:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     ours = _project_modules()
-    return f"project modules imported by the preload: {', '.join(ours)}" if ours else None
+    if ours:
+        return f"project modules imported by the preload: {', '.join(ours)}"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "CUDA was initialised by the preload; a forked child could not use it"
+    return None
 
 
 def _project_modules() -> list[str]:
@@ -293,6 +298,11 @@ def _child(request: dict, fds: list[int]) -> int:
     os.environ.update(request["env"])
     sys.path[:] = request["path"]
     sys.argv = list(request["argv"])
+    import random
+
+    random.seed()  # a fresh interpreter's entropy, not the server's state (every run seeds its own)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit() and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(threads))  # the worker's share of the cores

@@ -858,3 +858,10 @@ def test_a_link_that_leaves_the_install_once_moved_into_place_is_refused(toy):
     with pytest.raises(FetchError, match="outside the install"):
         toy.fetch()
     assert not (toy.data / "toy").exists()
+
+
+def test_the_cards_are_found_from_outside_the_project(tmp_path, monkeypatch):
+    from harness.fetch import cards
+
+    monkeypatch.chdir(tmp_path)  # no pyproject.toml or dvc.yaml above: the cards beside the package
+    assert cards.card_path("mtd") == Path(__file__).resolve().parents[1] / "datasets" / "mtd.yaml"

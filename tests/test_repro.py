@@ -5,6 +5,7 @@ a plain `dvc repro` gives, and a failing stage stops the hand-out and is named w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ import yaml
 from harness import repro
 from harness.errors import HarnessError
 
-# Each run stage records the worker's environment (threads, GPU) in its output file.
+# Each run stage records the worker's environment (threads, GPU, warm server) in its output file.
 RECORD = ("python -c \"import os, sys; open(sys.argv[1], 'w').write("
-          "os.environ['OMP_NUM_THREADS'] + ' ' + os.environ.get('CUDA_VISIBLE_DEVICES', '-'))\"")
+          "os.environ['OMP_NUM_THREADS'] + ' ' + os.environ.get('CUDA_VISIBLE_DEVICES', '-') + ' ' + "
+          "os.environ.get('FLOWAD_WARM_SOCKET', '-'))\"")
 
 
 def toy_project(root: Path, runs: list[str], failing: str | None = None) -> Path:
@@ -64,15 +66,20 @@ def test_parallel_repro_equals_dvc_repro(tmp_path, capsys):
     assert (root / "tables.txt").exists()
     # every run ran on a worker: one thread each (2 jobs on the test's cores or fewer) and the GPU
     for name in "abc":
-        threads, gpu = (root / f"{name}.txt").read_text().split()
+        threads, gpu, warm = (root / f"{name}.txt").read_text().split()
         assert gpu == "7" and int(threads) >= 1
         assert (root / repro.LOGS / f"main_{name}.log").exists()
+        # `python -m harness` stages would be served by the warm server (tests/test_warmstart.py)
+        assert warm.endswith("socket") and not os.path.exists(warm)  # gone with the reproduction
     # a second time there is nothing to do
     repro.reproduce(root, jobs=2, progress=True)
     assert "0 training runs to do" in capsys.readouterr().out
-    # an out-of-date run is found and only it runs
+    # an out-of-date run is found and only it runs; without the warm start, no server
     (root / "b.txt").unlink()
     assert repro.stages_to_run(root) == ["main_b"]
+    cold = toy_project(tmp_path / "cold", ["d"])
+    repro.reproduce(cold, jobs=2, progress=False, warm_start=False)
+    assert (cold / "d.txt").read_text().split()[2] == "-"
 
 
 @pytest.mark.slow

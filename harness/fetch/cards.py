@@ -30,7 +30,7 @@ def _cards_dirs(cards_dir: str | os.PathLike | None) -> list[Path]:
     if root is not None:
         found.append(root / "datasets")
     # Fall back to the cards next to this package (running from outside the project folder).
-    found.append(Path(__file__).resolve().parent.parent / "datasets")
+    found.append(Path(__file__).resolve().parents[2] / "datasets")  # harness/fetch/cards.py -> project
     return found
 
 
