@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEMO_ROOT)
     p.add_argument("--jobs", type=int, default=None,
                    help="training runs at a time (default: one per CPU core, at most 4)")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="start every stage in a fresh interpreter (see `flowad repro --help`)")
     p.add_argument("--quiet", action="store_true")
 
     p = verbs.add_parser("repro", help="`dvc repro` of the whole pipeline, several training runs at a time")
@@ -248,7 +250,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from harness.demo import run_demo
 
-    run_demo(args.out, progress=not args.quiet, jobs=args.jobs)
+    run_demo(args.out, progress=not args.quiet, jobs=args.jobs, warm_start=args.warm_start)
 
 
 def cmd_repro(args: argparse.Namespace) -> None:

@@ -211,9 +211,11 @@ def default_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def run_demo(out: Path = Path("demo"), progress: bool = True, jobs: int | None = None) -> Path:
+def run_demo(out: Path = Path("demo"), progress: bool = True, jobs: int | None = None,
+             warm_start: bool = True) -> Path:
     """Run the demo pipeline in ``out``, ``jobs`` training runs at a time (default: one per CPU
-    core, at most four); returns the folder of its tables."""
+    core, at most four; ``warm_start``: as harness.repro.reproduce); returns the folder of its
+    tables."""
     if not (PROJECT / "dvc.yaml").exists():
         raise HarnessError(f"{PROJECT / 'dvc.yaml'} not found: run the demo from a checkout of the project")
     out = Path(out)
@@ -223,7 +225,7 @@ def run_demo(out: Path = Path("demo"), progress: bool = True, jobs: int | None =
     # otherwise fail the second one); the second then finds the pipeline up to date.
     with FileLock(out.parent / f".{out.name}.lock"):
         init_project(out)
-        reproduce(out, jobs=jobs or default_jobs(), progress=progress)
+        reproduce(out, jobs=jobs or default_jobs(), progress=progress, warm_start=warm_start)
         commit(out, "Demo pipeline reproduced")
     tables = out / "results"
     print(f"\n{NOTICE}\n\nDemo pipeline finished in {time.perf_counter() - start:.0f} s. Tables: "
