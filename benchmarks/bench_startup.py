@@ -7,7 +7,9 @@ A stage is one process (`python -m harness run main ...`, as dvc.yaml runs it). 
 a folder with the demo's settings (harness.demo.demo_params: embedded data, ResNet-18 with random
 weights at 64 px, MLflow tracking on), generates one embedded class, and runs two stage commands ``--repeats`` times each in fresh
 processes (each run in a new runs folder, so nothing is resumed): a main-comparison run (which
-draws its figures) and an MSFlow ablation run (``--variant``; ablation runs draw none by default):
+draws its figures) and an MSFlow ablation run (``--variant``; ablation runs draw none by default),
+each in a fresh interpreter (cold) and forked from the warm server that ``flowad repro`` starts
+(warm, harness.warmstart; the server's own start is not counted, it is paid once per pipeline):
 
   wall        the whole process, interpreter start to exit
   work        training epochs and evaluations as the run records them (metrics.json:
@@ -15,7 +17,7 @@ draws its figures) and an MSFlow ablation run (``--variant``; ablation runs draw
   fixed       wall - work: imports, settings, data checks and hash, model building, feature
               extraction, final metrics, maps, MLflow, figures
 
-Then the main stage once more under cProfile, for the phases of the fixed part (cumulative seconds; cProfile
+Then the main stage once more, cold, under cProfile, for the phases of the fixed part (cumulative seconds; cProfile
 slows Python-heavy code, so the shares matter more than the sums). Writes
 benchmarks/results/bench_startup.json.
 """
@@ -33,6 +35,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import warmstart  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Functions whose cumulative time is a phase of a stage (matched on "file:function").
@@ -117,22 +122,28 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="bench_startup_"))
     make_project(folder, sorted({args.method, "msflow"}), args.class_name)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {k: v for k, v in os.environ.items() if k != warmstart.ENV}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     stages = {}
-    for part in ("main", "ablation"):
-        runs = []
-        for i in range(args.repeats):
-            for old in folder.glob("runs/*"):
-                subprocess.run(["rm", "-rf", str(old)], check=True)
-            start = time.perf_counter()
-            subprocess.run(stage_command(args, args.python, part), cwd=folder, env=env, check=True,
-                           capture_output=True)
-            wall = time.perf_counter() - start
-            work = work_seconds(find_run(folder))
-            runs.append({"wall_s": wall, "work_s": work, "fixed_s": wall - work})
-            print(f"{part} run {i + 1}: wall {wall:.1f} s, training and tests {work:.1f} s, fixed {wall - work:.1f} s",
-                  flush=True)
-        stages[part] = {"runs": runs, "best": min(runs, key=lambda r: r["wall_s"])}
+    with warmstart.server() as socket_path:
+        time.sleep(20)  # let the server finish its imports, as it has by a pipeline's first training stage
+        for part in ("main", "ablation"):
+            for warm in (False, True):
+                runs = []
+                stage_env = {**env, warmstart.ENV: socket_path} if warm else env
+                for i in range(args.repeats):
+                    for old in folder.glob("runs/*"):
+                        subprocess.run(["rm", "-rf", str(old)], check=True)
+                    start = time.perf_counter()
+                    subprocess.run(stage_command(args, args.python, part), cwd=folder, env=stage_env, check=True,
+                                   capture_output=True)
+                    wall = time.perf_counter() - start
+                    work = work_seconds(find_run(folder))
+                    runs.append({"wall_s": wall, "work_s": work, "fixed_s": wall - work})
+                    print(f"{part} {'warm' if warm else 'cold'} run {i + 1}: wall {wall:.1f} s, training and tests "
+                          f"{work:.1f} s, fixed {wall - work:.1f} s", flush=True)
+                stages[f"{part}_{'warm' if warm else 'cold'}"] = {"runs": runs,
+                                                                   "best": min(runs, key=lambda r: r["wall_s"])}
 
     for old in folder.glob("runs/*"):
         subprocess.run(["rm", "-rf", str(old)], check=True)

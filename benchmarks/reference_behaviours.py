@@ -11,8 +11,15 @@ Measurements, not tests: the sizes quoted in the README's "Reference behaviours"
              float32, as the largest change of log10 NFA and the images whose detection changes.
   zero_grad  CFlow on the embedded dataset (ResNet-18, random weights): how far the last decoder
              moves from its initialisation with torch 1.8's zero_grad against torch 2's.
+  uflow_metric_size
+             U-Flow trained on real MTD (installed by the project's fetch from the upstream
+             folder) with pretrained EfficientNet-Lite0 at 448 px: the metrics of the one model's
+             stored maps at 256 px (the reference's metric size) against 448 px (the input size).
 
     python benchmarks/reference_behaviours.py --mtd /path/to/Magnetic-tile-defect-datasets.
+    python benchmarks/reference_behaviours.py --mtd ... --only uflow_metric_size   # one part
+
+Each part replaces its own entry in the results file and keeps the others.
 """
 
 from __future__ import annotations
@@ -150,18 +157,51 @@ def zero_grad(epochs: int) -> dict:
     return out
 
 
+def uflow_metric_size(mtd: Path, size: int, epochs: int) -> dict:
+    """The same U-Flow model's metrics at 256 px (the reference) and at its input size."""
+    import dataclasses
+
+    from harness.config import RunSettings, RunSpec
+    from harness.fetch import fetch
+    from harness.train import Trainer, rescore_maps
+    from methods.lite0 import lite0_settings
+
+    work = Path(tempfile.mkdtemp(prefix="uflow_metric_size_"))
+    root = fetch("mtd", data_root=work / "data", source=str(mtd), progress=False)
+    overrides = {**lite0_settings("uflow"), "input_size": [size, size], "batch_size": 8, "epochs": epochs,
+                 "eval_every": epochs, "nfa_size": None}
+    spec = RunSpec(method="uflow", data_root=root, class_name="magnetic_tile", dataset="mtd", out_dir=work / "run",
+                   overrides=overrides)
+    summary = Trainer(spec, RunSettings(progress=False, tracking=False, figures=False, seed=0)).fit()
+    at_256 = rescore_maps(spec)  # the method's metric_size, (256, 256)
+    at_input = rescore_maps(dataclasses.replace(spec, overrides={**overrides, "metric_size": None}))
+    metrics = ("image_auroc", "pixel_auroc", "aupro", "aupro_code")
+    return {"input_size": size, "epochs": epochs, "backbone": "tf_efficientnet_lite0 (ImageNet, PyPI)",
+            "at_256": {m: at_256[m] for m in metrics}, f"at_{size}": {m: at_input[m] for m in metrics},
+            "difference_points": {m: 100 * (at_256[m] - at_input[m]) for m in metrics},
+            "trained_last": {m: summary["last"][m] for m in metrics}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mtd", type=Path, help="the MTD upstream folder (MT_*/Imgs/*.jpg); omit to skip")
     parser.add_argument("--images", type=int, default=40, help="MTD defect images to compare")
     parser.add_argument("--nfa-images", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=3, help="CFlow training epochs")
+    parser.add_argument("--uflow-size", type=int, default=448)
+    parser.add_argument("--uflow-epochs", type=int, default=1)
+    parts = ("pipeline", "nfa", "zero_grad", "uflow_metric_size")
+    parser.add_argument("--only", nargs="+", choices=parts, default=list(parts))
     args = parser.parse_args()
-    results = {}
-    if args.mtd is not None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.mtd is not None and "pipeline" in args.only:
         results["pipeline"] = pipeline(args.mtd, args.images)
-    results["nfa"] = nfa_sizes(args.nfa_images)
-    results["zero_grad"] = zero_grad(args.epochs)
+    if "nfa" in args.only:
+        results["nfa"] = nfa_sizes(args.nfa_images)
+    if "zero_grad" in args.only:
+        results["zero_grad"] = zero_grad(args.epochs)
+    if args.mtd is not None and "uflow_metric_size" in args.only:
+        results["uflow_metric_size"] = uflow_metric_size(args.mtd, args.uflow_size, args.uflow_epochs)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -61,6 +61,23 @@ def test_a_forked_stage_is_the_command_it_stands_for(server, dataset):
     assert state["children"] == [] and state["project_modules"] == []  # children import the project afresh
 
 
+def test_a_forked_run_gives_the_same_numbers(server, dataset, tmp_path):
+    """Every run seeds what it draws, so a run forked from the server trains to the same numbers."""
+    import json
+
+    summaries = []
+    for name, socket_path in (("cold", None), ("warm", server)):
+        out = tmp_path / name
+        result = harness(["train", "--method", "msflow", "--data", "embedded", "--class", CLASS, "--out", str(out),
+                          "--random-weights", "--epochs", "1", "--no-tracking", "--quiet", "--seed", "3",
+                          "--set", "input_size=[64,64]"], dataset, socket_path)
+        assert result.returncode == 0, result.stderr
+        summaries.append(json.loads((out / "metrics.json").read_text()))
+    cold, warm = summaries
+    assert warm["last"] == cold["last"] and warm["seed"] == cold["seed"] == 3
+    assert [row["loss"] for row in warm["history"]] == [row["loss"] for row in cold["history"]]
+
+
 def test_the_stage_sees_its_own_environment(server, dataset, tmp_path):
     # the dataset mirror is read from the environment of the stage, not of the server
     env = {"env": {**os.environ, "PYTHONPATH": str(REPO), warmstart.ENV: server, "FLOWAD_MIRROR": "/no/mirror"}}
