@@ -58,8 +58,9 @@ METHODS = ("fastflow", "cflow", "csflow", "uflow")
 SETTINGS_NOTES = {
     "fastflow": "stages 1-3 + [C,H,W] LayerNorm, 8 steps, conv3x3_only=False (anomalib 2.x default) on both sides",
     "cflow": "layer2-4, 8 blocks, cond 128, permute_soft=False, same fiber batch on both sides; ours with zero "
-             "padding and no rotation (as anomalib) so features can be cached; anomalib keeps the last partial "
-             "fiber batch, ours drops it (none with these sizes)",
+             "padding and no rotation (as anomalib) so features can be cached; torch18_zero_grad off (torch 2's "
+             "zero_grad: Adam steps only the decoder being trained, as anomalib's); anomalib keeps the last "
+             "partial fiber batch, ours drops it (none with these sizes)",
     "csflow": "EfficientNet-B5 stage of 304 channels at 3 scales, 4 blocks, hidden 1024, grad clip 1 on both sides; "
               "ours timm efficientnet_b5, anomalib torchvision efficientnet_b5 (same architecture)",
     "uflow": "ResNet stages 1-3 + [C,H,W] LayerNorm (or MS-CaiT), 4 steps per stage, on both sides",
@@ -78,7 +79,7 @@ def method_settings(method: str, args: argparse.Namespace) -> tuple[dict[str, An
         return (
             {"backbone": backbone, "stages": [2, 3, 4], "input_size": size, "padding_mode": "zeros",
              "rotation_degrees": 0.0, "permute_soft": False, "fiber_batch_size": args.fiber_batch_size,
-             "batch_size": batch},
+             "batch_size": batch, "torch18_zero_grad": False},
             {"model": "cflow", "backbone": backbone, "layers": ["layer2", "layer3", "layer4"],
              "fiber_batch_size": args.fiber_batch_size, "permute_soft": False},
         )

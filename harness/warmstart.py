@@ -113,6 +113,9 @@ def run(argv: list[str], socket_path: str | None = None) -> int | None:
     forward = {sig: signal.signal(sig, lambda s, _f: _signal(child, s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         reply, _ = _receive(sock)
+        if reply is None:  # the server ended first: wait for the stage itself, its outputs are its own
+            while _alive(child):
+                time.sleep(0.2)
     finally:
         for sig, handler in forward.items():
             signal.signal(sig, handler)
@@ -121,6 +124,14 @@ def run(argv: list[str], socket_path: str | None = None) -> int | None:
         print(f"the warm server ended before stage process {child} reported its exit status", file=sys.stderr)
         return 1
     return int(reply["status"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -304,8 +315,15 @@ def _child(request: dict, fds: list[int]) -> int:
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit() and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(int(threads))  # the worker's share of the cores
+    if threads and threads.isdigit():
+        # The worker's share of the cores: the thread pools were sized from the server's
+        # environment when the libraries loaded, so size them again from the stage's.
+        with contextlib.suppress(ImportError):
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(int(threads))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(threads))
     import atexit
     import traceback
 
