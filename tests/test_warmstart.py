@@ -70,7 +70,8 @@ def test_a_forked_run_gives_the_same_numbers(server, dataset, tmp_path):
         out = tmp_path / name
         result = harness(["train", "--method", "msflow", "--data", "embedded", "--class", CLASS, "--out", str(out),
                           "--random-weights", "--epochs", "1", "--no-tracking", "--quiet", "--seed", "3",
-                          "--set", "input_size=[64,64]"], dataset, socket_path)
+                          "--set", "input_size=[64,64]", "--set", "backbone=resnet18.tv_in1k",
+                          "--set", "sub_epochs=1"], dataset, socket_path)
         assert result.returncode == 0, result.stderr
         summaries.append(json.loads((out / "metrics.json").read_text()))
     cold, warm = summaries
