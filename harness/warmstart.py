@@ -155,7 +155,7 @@ def status(socket_path: str) -> dict:
 def server(log: Path | None = None, python: str = sys.executable) -> Iterator[str]:
     """A warm server for the duration of the block; its socket is in ``os.environ[ENV]`` (so every
     process started meanwhile finds it) and is yielded. Its output goes to ``log``."""
-    folder = Path(tempfile.mkdtemp(prefix="flowad-warm-"))
+    folder = Path(tempfile.mkdtemp(prefix="flowad-warm-"))  # mode 0700: only this user can connect
     path = str(folder / "socket")
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     process = subprocess.Popen([python, str(Path(__file__).resolve()), path], stdin=subprocess.DEVNULL,
