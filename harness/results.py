@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,14 @@ from harness.grid import GridRun
 RANDOM_WEIGHTS = "random"
 PRETRAINED_WEIGHTS = "pretrained"
 TIDY_COLUMNS = ["method", "dataset", "class", "protocol", "variant", "seed", "epoch_selection", "epoch",
-                "metric", "value", "weights", "code_revision", "run"]
+                "metric", "value", "unit", "weights", "code_revision", "run"]
+# Scores and rates (AUROC, PRO, mIoU, a detected fraction) are reported in percent; a run's other
+# final numbers (its thresholds: log-likelihoods or log10 NFA) keep their own scale.
+PERCENT = re.compile(r"auroc|aupro|miou|fraction")
+
+
+def in_percent(metric: str) -> bool:
+    return PERCENT.search(metric) is not None
 
 
 @dataclass
@@ -89,8 +97,8 @@ def read_run(run: GridRun) -> RunResult:
     best = {k: v for k, v in (summary.get("best") or {}).items() if isinstance(v, dict)}
     result = RunResult(
         run,
-        last={k: 100 * float(v) for k, v in (summary.get("last") or {}).items() if _is_number(v)},
-        best={k: 100 * float(v["value"]) for k, v in best.items() if _is_number(v.get("value"))},
+        last={k: _scaled(k, v) for k, v in (summary.get("last") or {}).items() if _is_number(v)},
+        best={k: _scaled(k, v["value"]) for k, v in best.items() if _is_number(v.get("value"))},
         best_epoch={k: float(v["epoch"]) for k, v in best.items() if _is_number(v.get("epoch"))},
         last_epoch=float(history[-1]["epoch"]) if history and _is_number(history[-1].get("epoch")) else math.nan,
         train_seconds_per_epoch=_mean(r.get("train_seconds") for r in history),
@@ -102,6 +110,10 @@ def read_run(run: GridRun) -> RunResult:
         finished=True,
     )
     return result
+
+
+def _scaled(metric: str, value: float) -> float:
+    return 100 * float(value) if in_percent(metric) else float(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -165,7 +177,8 @@ def class_mean_stat(results: list[RunResult], metric: str, which: str = "last") 
 
 
 def tidy_runs(results: Iterable[RunResult]) -> pd.DataFrame:
-    """One row per finished run, epoch selection and metric; ``value`` in percent, numeric only."""
+    """One row per finished run, epoch selection and metric; ``value`` numeric only, in percent for
+    scores and rates and on its own scale for thresholds (``unit``: percent | raw)."""
     rows = []
     for r in results:
         if not r.finished:
@@ -179,7 +192,7 @@ def tidy_runs(results: Iterable[RunResult]) -> pd.DataFrame:
             for metric, value in sorted(figures.items()):
                 epoch = r.last_epoch if selection == "last" else r.best_epoch.get(metric, math.nan)
                 rows.append({**common, "epoch_selection": selection, "epoch": epoch, "metric": metric,
-                             "value": value})
+                             "value": value, "unit": "percent" if in_percent(metric) else "raw"})
     frame = pd.DataFrame(rows, columns=TIDY_COLUMNS)
     return frame.astype({"seed": "float64", "epoch": "float64", "value": "float64"})
 

@@ -450,12 +450,25 @@ def own_metrics(tmp_path_factory):
         for class_name, nfa in (("bottle", 0.6564), ("screw", 0.3726)):
             write_metrics(grid.main_run(params, "official", "mvtec_ad", "uflow", class_name, seed), 0.9,
                           final={"miou_fair": 0.2, "miou_oracle": 0.3, "miou_nfa_fair": nfa + seed / 1000,
-                                 "miou_nfa_oracle": nfa + 0.01})
+                                 "miou_nfa_oracle": nfa + 0.01, "fair_threshold": -3.25,
+                                 "nfa_oracle_threshold": 12.0, "nfa_detected_fraction": 0.5})
             write_metrics(grid.main_run(params, "official", "mvtec_ad", "cflow", class_name, seed), 0.9,
                           final={"aupro_cflow": 0.946, "miou_fair": 0.25, "miou_oracle": 0.35})
     write_report(tmp_path / "params.yaml")
     build_tables(tmp_path / "params.yaml")
     return params, tmp_path
+
+
+def test_runs_csv_keeps_thresholds_on_their_own_scale(own_metrics):
+    """Scores and rates are in percent; a threshold (a log-likelihood, a log10 NFA) is not a rate."""
+    _, tmp_path = own_metrics
+    runs = pd.read_csv(tmp_path / "results" / "runs.csv")
+    uflow = runs[(runs["method"] == "uflow") & (runs["class"] == "bottle") & (runs["seed"] == 0)]
+    values = uflow.set_index("metric")[["value", "unit"]]
+    assert values.loc["fair_threshold"].tolist() == [-3.25, "raw"]
+    assert values.loc["nfa_oracle_threshold"].tolist() == [12.0, "raw"]
+    assert values.loc["nfa_detected_fraction"].tolist() == [50.0, "percent"]
+    assert set(runs.loc[runs["metric"].str.contains("auroc|aupro|miou"), "unit"]) == {"percent"}
 
 
 def test_runs_csv_carries_the_final_model_metrics(own_metrics):
