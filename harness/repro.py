@@ -255,7 +255,7 @@ def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: 
         _reproduce_rest(project, dvc_environment(), progress)
         return
     server = contextlib.nullcontext()
-    if warm_start:
+    if warm_start and warmstart_supported():
         from harness import warmstart
 
         (project / LOGS).mkdir(parents=True, exist_ok=True)
@@ -270,6 +270,12 @@ def reproduce(project: Path, jobs: int = 1, gpus: Sequence[str] = (), progress: 
                 print(f"{len(pending)} training runs to do, {at_once} at a time", flush=True)
             run_parallel(project, pending, workers, progress=progress)
         _reproduce_rest(project, make_workers(1, gpus)[0].environment() if gpus else dvc_environment(), progress)
+
+
+def warmstart_supported() -> bool:
+    """Forking a process that has loaded torch and matplotlib without exec is safe on Linux; macOS
+    system libraries abort in such a child (which is why Python spawns there by default)."""
+    return sys.platform.startswith("linux")
 
 
 def _reproduce_rest(project: Path, env: dict[str, str], progress: bool) -> None:

@@ -91,3 +91,11 @@ def test_a_failing_run_is_named_and_the_finished_ones_are_kept(tmp_path):
     assert "main_b" in message and "broken run" in message and str(repro.LOGS / "main_b.log") in message
     assert not (root / "tables.txt").exists()  # nothing downstream of a failed run
     assert "main_a" not in dvc_status(root)  # the finished run is recorded in dvc.lock
+
+
+def test_the_warm_start_is_for_linux_only(tmp_path, monkeypatch):
+    """Elsewhere (macOS) a forked child of a process that loaded torch may abort: no server."""
+    monkeypatch.setattr(repro.sys, "platform", "darwin")
+    root = toy_project(tmp_path / "toy", ["a"])
+    repro.reproduce(root, jobs=2, progress=False)
+    assert (root / "a.txt").read_text().split()[2] == "-"
