@@ -12,7 +12,7 @@ Runs folder layout (under ``paths.runs``):
 
 Each run folder is what harness.train writes. A configuration's size and compute (trainable
 parameters, forward GFLOPs) depend on its settings and input size only, so the tables stage counts
-them once per configuration (harness.tables.configuration_cost) rather than every run stage.
+them once per row of its cost table (harness.tables.cost_table) rather than every run stage.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ LOOP_KEYS = ("epochs", "eval_every", "precision")
 # Which runs draw their own figures (ROC and PRO curves, map grid) at the end of training. An
 # ablation run is one row of a table; its maps are stored all the same, and drawing costs a stage
 # seconds. true / false are read as all / none.
-FIGURES = {"main": False, "all": True, "none": False, True: True, False: False}
+FIGURES = ("main", "all", "none", True, False)
 FEATURE_CACHE = {"auto": None, "on": True, "off": False, True: True, False: False}
 
 
@@ -208,7 +208,7 @@ def run_settings(params: dict[str, Any], run: GridRun) -> RunSettings:
         compile=runtime.get("compile", False),
         channels_last=runtime.get("channels_last", False),
         image_cache=runtime.get("image_cache"),
-        figures=FIGURES[figures] or (figures == "main" and run.part == "main"),
+        figures=figures in ("all", True) or (figures == "main" and run.part == "main"),
         workers=runtime.get("workers", 0),
         seed=seed_value(run.seed),
         feature_cache=FEATURE_CACHE[cache],

@@ -28,8 +28,6 @@ Tables (name -> what):
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -647,6 +645,8 @@ def claims_table(claims: pd.DataFrame) -> Table:
 def cost_table(params: dict[str, Any], results: list[RunResult]) -> Table | None:
     """Size, compute and speed of every method (main official runs of the ablation dataset) and
     of every retrained ablation variant."""
+    from harness.profile import method_info
+
     ablations = params.get("ablations") or {}
     dataset = ablations.get("dataset", "mvtec_ad")
     entries: list[tuple[str, list[RunResult]]] = []
@@ -667,8 +667,9 @@ def cost_table(params: dict[str, Any], results: list[RunResult]) -> Table | None
         if sizes:
             # Classes may differ in input size (MSFlow's transistor): report the most common size.
             common = max(set(sizes), key=sizes.count)
-            run = done[[r.image_size for r in done].index(common)]
-            c = configuration_cost(run.run.method, grid.run_spec(params, run.run).overrides, common)
+            # Size and compute depend on the settings and the input size only: one count per row.
+            run = next(r.run for r in done if r.image_size == common)
+            c = method_info(run.method, grid.run_spec(params, run).overrides, common)
             values.update({"input height": common[0], "input width": common[1],
                            "params (M)": c["trainable_parameters"]["total"] / 1e6,
                            "GFLOPs flows": c["gflops"]["flows"], "GFLOPs backbone": c["gflops"]["backbone"]})
@@ -686,19 +687,6 @@ def cost_table(params: dict[str, Any], results: list[RunResult]) -> Table | None
                    f"runs (device setting {device}), mean over classes; training with cached features where "
                    "the method allows."]
     return table
-
-
-def configuration_cost(method: str, overrides: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
-    """harness.profile.method_info of one configuration at one input size, counted once per
-    process: the runs of a configuration share it whatever their class or seed."""
-    return _configuration_cost(method, json.dumps(overrides, sort_keys=True, default=str), tuple(size))
-
-
-@functools.lru_cache(maxsize=None)
-def _configuration_cost(method: str, overrides: str, size: tuple[int, int]) -> dict[str, Any]:
-    from harness.profile import method_info
-
-    return method_info(method, json.loads(overrides), size)
 
 
 def _mean_of(values: Iterable[float]) -> float:
